@@ -1,0 +1,40 @@
+//! The echo plugin: every datagram and every TCP message goes back to its
+//! sender unchanged. It never stops a listener or closes a connection.
+
+mod bindings {
+    wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
+}
+
+use bindings::exports::wasm_echo::plugin::{tcp, udp};
+use bindings::wasm_echo::plugin::types::{Connection, Decision, Endpoint, Next};
+
+struct Echo;
+
+impl udp::Guest for Echo {
+    fn on_datagram(_peer: Endpoint, data: Vec<u8>) -> Decision {
+        Decision {
+            reply: Some(data),
+            next: Next::CarryOn,
+        }
+    }
+}
+
+impl tcp::Guest for Echo {
+    fn on_open(_conn: Connection) -> Decision {
+        Decision {
+            reply: None,
+            next: Next::CarryOn,
+        }
+    }
+
+    fn on_message(data: Vec<u8>) -> Decision {
+        Decision {
+            reply: Some(data),
+            next: Next::CarryOn,
+        }
+    }
+
+    fn on_close() {}
+}
+
+bindings::export!(Echo with_types_in bindings);
