@@ -1,0 +1,276 @@
+//! The command line: `serve`, `client` and `check`. Parsing is clap's; each
+//! verb hands off to its module at once.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::client::{self, Exchange};
+use crate::plugin::{Limits, PluginConfig, PluginSource, Runtime};
+use crate::server::{DEFAULT_PORT, ServeOptions, Server};
+
+/// A UDP and TCP server whose every response is decided by a sandboxed
+/// WebAssembly component.
+#[derive(Debug, Parser)]
+#[command(name = "wasm-echo", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve UDP and TCP with a plugin (default: the built-in `hello` on
+    /// 0.0.0.0:12345, as in the documents).
+    Serve(ServeArgs),
+    /// Send one message, print the reply, then send `exit` (the documents'
+    /// clients).
+    Client(ClientArgs),
+    /// Check that a plugin loads and fits the wasm-echo:plugin world; print
+    /// what it imports and exports.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The plugin: a built-in's name (hello, echo, counter) or the path of a
+    /// .wasm component.
+    #[arg(long, default_value = "hello", value_name = "NAME|PATH")]
+    plugin: String,
+    /// Serve UDP on this address. Without --udp and --tcp both are served on
+    /// 0.0.0.0:12345; with only one of them, only that one.
+    #[arg(long, value_name = "ADDR")]
+    udp: Option<SocketAddr>,
+    /// Serve TCP on this address (see --udp).
+    #[arg(long, value_name = "ADDR")]
+    tcp: Option<SocketAddr>,
+    /// A setting the plugin reads with `get-config` (repeatable), e.g.
+    /// `--plugin-config udp-greeting=Hi`.
+    #[arg(long = "plugin-config", value_name = "KEY=VALUE", value_parser = parse_setting)]
+    settings: Vec<(String, String)>,
+    /// How long one plugin call may run before it is stopped and its
+    /// message fails.
+    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = humantime::parse_duration)]
+    call_timeout: Duration,
+    /// How much linear memory one plugin instance may use (e.g. 64MiB).
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    memory_limit: usize,
+    /// How long open TCP connections may go on after their listener stops
+    /// (on Ctrl-C, SIGTERM or the plugin's `exit`).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Protocol {
+    Udp,
+    Tcp,
+}
+
+#[derive(Debug, Args)]
+struct ClientArgs {
+    /// Which client.
+    protocol: Protocol,
+    /// The server's HOST:PORT.
+    #[arg(default_value = "127.0.0.1:12345")]
+    addr: String,
+    /// What to send (default: the documents' "Hello, server!" for UDP,
+    /// "hello, server" for TCP).
+    message: Option<String>,
+    /// Do not send `exit` after the reply (leave the server running).
+    #[arg(long)]
+    no_exit: bool,
+    /// How long to wait for the connection and for the reply.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// A built-in's name or the path of a .wasm component.
+    #[arg(value_name = "NAME|PATH")]
+    plugin: String,
+}
+
+/// Runs the parsed command and returns the process's exit code.
+///
+/// # Errors
+///
+/// Anything that should end the process with a one-line error.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Client(args) => client(args).await,
+            Command::Check(args) => check(args).await,
+        }
+    })
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    init_logging();
+    let (udp, tcp) = match (args.udp, args.tcp) {
+        (None, None) => {
+            let all: SocketAddr = ([0, 0, 0, 0], DEFAULT_PORT).into();
+            (Some(all), Some(all))
+        }
+        addrs => addrs,
+    };
+    let options = ServeOptions {
+        plugin: PluginSource::parse(&args.plugin)?,
+        config: args.settings.into_iter().collect::<PluginConfig>(),
+        udp,
+        tcp,
+        limits: Limits {
+            call_timeout: args.call_timeout,
+            memory_bytes: args.memory_limit,
+            ..Limits::default()
+        },
+        grace: args.grace,
+    };
+    let wasm = Runtime::new()?;
+    let server = Server::bind(&wasm, options).await?;
+    // Scripts and tests read these lines to learn the real ports.
+    for (protocol, addr) in server.local_addrs()? {
+        println!("listening {protocol} {addr}");
+    }
+    let shutdown = server.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: no new connections; open ones may finish");
+        shutdown.cancel();
+    });
+    server.run().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
+    let default = match args.protocol {
+        Protocol::Udp => client::UDP_MESSAGE,
+        Protocol::Tcp => client::TCP_MESSAGE,
+    };
+    let exchange = Exchange {
+        addr: args.addr,
+        message: args
+            .message
+            .unwrap_or_else(|| default.to_owned())
+            .into_bytes(),
+        send_exit: !args.no_exit,
+        timeout: args.timeout,
+    };
+    let reply = match args.protocol {
+        Protocol::Udp => client::udp(&exchange).await?,
+        Protocol::Tcp => client::tcp(&exchange).await?,
+    };
+    println!("{}", String::from_utf8_lossy(&reply));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let source = PluginSource::parse(&args.plugin)?;
+    let runtime = Runtime::new()?;
+    print!("{}", crate::check::check(&runtime, &source).await?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Logs go to stderr (stdout carries the `listening` lines); the level is
+/// `info` unless `WASM_ECHO_LOG` says otherwise (e.g. `debug`,
+/// `wasm_echo=debug,plugin=warn`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WASM_ECHO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
+}
+
+/// Parses `KEY=VALUE`.
+fn parse_setting(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got `{text}`")),
+    }
+}
+
+/// Parses a size: bytes, or a number with KiB, MiB or GiB.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("expected a size like 64MiB, got `{text}`"))?;
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        other => return Err(format!("unknown size unit `{other}` (use KiB, MiB or GiB)")),
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("size `{text}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn settings_need_a_key() {
+        assert_eq!(parse_setting("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert!(parse_setting("=x").is_err());
+        assert!(parse_setting("novalue").is_err());
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

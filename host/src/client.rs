@@ -1,0 +1,131 @@
+//! The documents' clients: send one message, print the reply, then send
+//! `exit` so the documents' servers (and wasm-echo's `hello` plugin) stop.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket, lookup_host};
+
+/// The message the documents' UDP client sends.
+pub const UDP_MESSAGE: &str = "Hello, server!";
+/// The message the documents' TCP client sends.
+pub const TCP_MESSAGE: &str = "hello, server";
+/// What both clients send last.
+pub const EXIT_MESSAGE: &str = "exit";
+
+/// One exchange to make.
+#[derive(Clone, Debug)]
+pub struct Exchange {
+    /// `host:port` of the server.
+    pub addr: String,
+    /// What to send.
+    pub message: Vec<u8>,
+    /// Send `exit` after the reply.
+    pub send_exit: bool,
+    /// How long to wait to connect and for the reply.
+    pub timeout: Duration,
+}
+
+async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    lookup_host(addr)
+        .await
+        .with_context(|| format!("bad server address `{addr}` (expected HOST:PORT)"))?
+        .next()
+        .with_context(|| format!("`{addr}` resolves to no address"))
+}
+
+/// Sends the message as a datagram and returns the reply.
+///
+/// # Errors
+///
+/// A bad address, a refused or unanswered datagram.
+pub async fn udp(exchange: &Exchange) -> anyhow::Result<Vec<u8>> {
+    let server = resolve(&exchange.addr).await?;
+    let local: SocketAddr = if server.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
+    let socket = UdpSocket::bind(local)
+        .await
+        .context("opening a UDP socket")?;
+    // Connecting lets the kernel report "port unreachable" as an error.
+    socket
+        .connect(server)
+        .await
+        .with_context(|| format!("cannot reach {server}"))?;
+    socket
+        .send(&exchange.message)
+        .await
+        .with_context(|| format!("sending to udp {server}"))?;
+    let mut buf = vec![0u8; crate::listener::udp::MAX_DATAGRAM + 1];
+    let len = match tokio::time::timeout(exchange.timeout, socket.recv(&mut buf)).await {
+        Ok(Ok(len)) => len,
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
+            bail!(
+                "nothing listens on udp {server} (connection refused); is `wasm-echo serve` running?"
+            )
+        }
+        Ok(Err(error)) => bail!("receiving from udp {server}: {error}"),
+        Err(_) => bail!(
+            "no reply from udp {server} within {}",
+            humantime::format_duration(exchange.timeout)
+        ),
+    };
+    buf.truncate(len);
+    if exchange.send_exit {
+        socket
+            .send(EXIT_MESSAGE.as_bytes())
+            .await
+            .with_context(|| format!("sending exit to udp {server}"))?;
+    }
+    Ok(buf)
+}
+
+/// Connects, sends the message and returns the first chunk of the reply.
+///
+/// # Errors
+///
+/// A bad address, a refused connection, no reply in time.
+pub async fn tcp(exchange: &Exchange) -> anyhow::Result<Vec<u8>> {
+    let server = resolve(&exchange.addr).await?;
+    let mut stream = match tokio::time::timeout(exchange.timeout, TcpStream::connect(server)).await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
+            bail!(
+                "nothing listens on tcp {server} (connection refused); is `wasm-echo serve` running?"
+            )
+        }
+        Ok(Err(error)) => bail!("cannot connect to tcp {server}: {error}"),
+        Err(_) => bail!(
+            "no answer from tcp {server} within {}",
+            humantime::format_duration(exchange.timeout)
+        ),
+    };
+    stream
+        .write_all(&exchange.message)
+        .await
+        .with_context(|| format!("sending to tcp {server}"))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let len = match tokio::time::timeout(exchange.timeout, stream.read(&mut buf)).await {
+        Ok(Ok(0)) => bail!("tcp {server} closed the connection without replying"),
+        Ok(Ok(len)) => len,
+        Ok(Err(error)) => bail!("receiving from tcp {server}: {error}"),
+        Err(_) => bail!(
+            "no reply from tcp {server} within {}",
+            humantime::format_duration(exchange.timeout)
+        ),
+    };
+    buf.truncate(len);
+    if exchange.send_exit {
+        stream
+            .write_all(EXIT_MESSAGE.as_bytes())
+            .await
+            .with_context(|| format!("sending exit to tcp {server}"))?;
+    }
+    let _ = stream.shutdown().await;
+    Ok(buf)
+}

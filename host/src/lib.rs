@@ -1,0 +1,16 @@
+//! wasm-echo: a UDP and TCP server whose every response is decided by a
+//! sandboxed WebAssembly component.
+//!
+//! The path a message takes names the modules: a [`listener`] owns a socket
+//! and reads datagrams or TCP chunks; it hands each to a [`plugin`] instance
+//! and carries out the decision that comes back; the [`server`] starts the
+//! listeners, and stops them on a signal or when every one has been told to
+//! stop. [`client`] and [`check`] are the CLI's other two verbs, and [`cli`]
+//! parses the command line.
+
+pub mod check;
+pub mod cli;
+pub mod client;
+pub mod listener;
+pub mod plugin;
+pub mod server;

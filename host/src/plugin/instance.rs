@@ -1,0 +1,146 @@
+//! One live instance of a plugin: where a `Store` is born and where it dies.
+//! Every call into the guest goes through here, starts its deadline, and
+//! turns whatever went wrong into a [`CallError`] the listener can log.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmtime::Store;
+
+use super::Plugin;
+use super::bindings::{self, Connection, Decision, Endpoint};
+use super::host::{HostState, PluginConfig};
+use super::limits::{DeadlineExceeded, LimitExceeded, Limits};
+use super::runtime::one_line;
+
+/// Why a call into a plugin failed. The message it was handling fails with
+/// it; the instance must not be used again.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The call ran past its deadline and was stopped.
+    #[error("plugin {0}")]
+    Deadline(#[from] DeadlineExceeded),
+    /// The instance tried to grow past its memory or table cap.
+    #[error("plugin {0}")]
+    Limit(#[from] LimitExceeded),
+    /// The guest trapped (a panic, an `unreachable`, an out-of-bounds access)
+    /// or returned something that does not fit the contract.
+    #[error("plugin trapped: {0}")]
+    Trap(String),
+}
+
+impl From<wasmtime::Error> for CallError {
+    fn from(error: wasmtime::Error) -> Self {
+        if let Some(deadline) = error.downcast_ref::<DeadlineExceeded>() {
+            return Self::Deadline(DeadlineExceeded(deadline.0));
+        }
+        if let Some(limit) = error.downcast_ref::<LimitExceeded>() {
+            return Self::Limit(LimitExceeded { ..*limit });
+        }
+        match error.downcast_ref::<wasmtime::Trap>() {
+            Some(trap) => Self::Trap(trap.to_string()),
+            None => Self::Trap(one_line(&error)),
+        }
+    }
+}
+
+/// A plugin instance with its own memory, for one TCP connection or one UDP
+/// listener.
+pub struct Instance {
+    store: Store<HostState>,
+    bindings: bindings::Plugin,
+}
+
+impl Instance {
+    /// Instantiates `plugin` in a fresh store, within `limits`.
+    ///
+    /// # Errors
+    ///
+    /// A [`CallError`] if the guest's start-up code traps or breaks a limit.
+    pub async fn new(
+        plugin: &Plugin,
+        config: Arc<PluginConfig>,
+        limits: &Limits,
+    ) -> Result<Self, CallError> {
+        let state = HostState::new(plugin.name.clone(), config, limits);
+        let mut store = Store::new(plugin.pre.engine(), state);
+        store.limiter(HostState::limiter);
+        store.epoch_deadline_callback(|mut ctx| ctx.data_mut().on_epoch_tick());
+        start_call(&mut store, None);
+        let bindings = plugin.pre.instantiate_async(&mut store).await?;
+        Ok(Self { store, bindings })
+    }
+
+    /// Hands the plugin one datagram from `peer`.
+    ///
+    /// # Errors
+    ///
+    /// A [`CallError`] if the call traps, times out or breaks a limit.
+    pub async fn on_datagram(
+        &mut self,
+        peer: SocketAddr,
+        data: &[u8],
+    ) -> Result<Decision, CallError> {
+        start_call(&mut self.store, Some(peer));
+        let udp = self.bindings.wasm_echo_plugin_udp();
+        Ok(udp
+            .call_on_datagram(&mut self.store, &endpoint(peer), data)
+            .await?)
+    }
+
+    /// Tells the plugin its connection is open.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Instance::on_datagram`].
+    pub async fn on_open(
+        &mut self,
+        conn: &Connection,
+        peer: SocketAddr,
+    ) -> Result<Decision, CallError> {
+        start_call(&mut self.store, Some(peer));
+        let tcp = self.bindings.wasm_echo_plugin_tcp();
+        Ok(tcp.call_on_open(&mut self.store, conn).await?)
+    }
+
+    /// Hands the plugin one message of its connection.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Instance::on_datagram`].
+    pub async fn on_message(&mut self, data: &[u8]) -> Result<Decision, CallError> {
+        let peer = self.store.data().peer;
+        start_call(&mut self.store, peer);
+        let tcp = self.bindings.wasm_echo_plugin_tcp();
+        Ok(tcp.call_on_message(&mut self.store, data).await?)
+    }
+
+    /// Tells the plugin its connection is over.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Instance::on_datagram`].
+    pub async fn on_close(&mut self) -> Result<(), CallError> {
+        let peer = self.store.data().peer;
+        start_call(&mut self.store, peer);
+        let tcp = self.bindings.wasm_echo_plugin_tcp();
+        Ok(tcp.call_on_close(&mut self.store).await?)
+    }
+}
+
+/// Starts the deadline of the call about to be made.
+fn start_call(store: &mut Store<HostState>, peer: Option<SocketAddr>) {
+    let state = store.data_mut();
+    state.call_started = Instant::now();
+    state.peer = peer;
+    store.set_epoch_deadline(1);
+}
+
+/// The WIT form of a socket address.
+pub fn endpoint(addr: SocketAddr) -> Endpoint {
+    Endpoint {
+        ip: addr.ip().to_string(),
+        port: addr.port(),
+    }
+}

@@ -1,0 +1,55 @@
+//! The bounds every plugin call runs within: a deadline and a memory cap.
+//! Enforcement lives with the store (`plugin::host`); this module only
+//! names the numbers and the errors that say one was hit.
+
+use std::time::Duration;
+
+/// What one plugin instance may use.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Wall-clock time one call (or an instantiation) may run before it is
+    /// stopped; the message it was handling fails.
+    pub call_timeout: Duration,
+    /// Linear memory one instance may grow to, in bytes.
+    pub memory_bytes: usize,
+    /// Elements one table may hold (function pointers, mostly).
+    pub table_elements: usize,
+}
+
+impl Limits {
+    /// The default deadline: generous for a handler that answers in
+    /// microseconds, short enough that a runaway loop is noticed at once.
+    pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(100);
+    /// The default memory cap: room for a Python or JavaScript runtime's
+    /// heap, small enough that thousands of connections fit.
+    pub const DEFAULT_MEMORY_BYTES: usize = 64 << 20;
+    /// The default table cap.
+    pub const DEFAULT_TABLE_ELEMENTS: usize = 20_000;
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            call_timeout: Self::DEFAULT_CALL_TIMEOUT,
+            memory_bytes: Self::DEFAULT_MEMORY_BYTES,
+            table_elements: Self::DEFAULT_TABLE_ELEMENTS,
+        }
+    }
+}
+
+/// A call ran past its deadline; raised from the epoch callback.
+#[derive(Debug, thiserror::Error)]
+#[error("ran past its {} deadline", humantime::format_duration(*.0))]
+pub struct DeadlineExceeded(pub Duration);
+
+/// An instance tried to grow a memory or a table past its cap.
+#[derive(Debug, thiserror::Error)]
+#[error("tried to grow its {what} to {desired} (limit {limit})")]
+pub struct LimitExceeded {
+    /// `memory` (bytes) or `table` (elements).
+    pub what: &'static str,
+    /// The size it asked for.
+    pub desired: usize,
+    /// The cap.
+    pub limit: usize,
+}

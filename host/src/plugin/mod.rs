@@ -1,0 +1,220 @@
+//! Plugins: finding one (a built-in name or a path), checking that it is a
+//! component for the `wasm-echo:plugin` world, compiling and pre-linking it
+//! once ([`Plugin`]), and running instances of it ([`Instance`]).
+//!
+//! Sockets and the choice of when to make or drop an instance are the
+//! listeners' business; the bounds an instance runs within are [`Limits`].
+
+mod bindings;
+mod host;
+mod instance;
+mod limits;
+mod runtime;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use wasmtime::component::Component;
+
+pub use bindings::{Connection, Decision, Endpoint, Framing, Next};
+pub use host::PluginConfig;
+pub use instance::{CallError, Instance, endpoint};
+pub use limits::Limits;
+pub use runtime::Runtime;
+
+/// The plugins compiled into this binary, by name.
+mod builtin {
+    include!(concat!(env!("OUT_DIR"), "/builtin_plugins.rs"));
+}
+
+/// The names of the built-in plugins.
+pub fn builtin_names() -> impl Iterator<Item = &'static str> {
+    builtin::BUILTIN_PLUGINS.iter().map(|(name, _)| *name)
+}
+
+/// The interfaces a plugin must export, as the component model names them.
+const REQUIRED_EXPORTS: &[&str] = &["wasm-echo:plugin/udp@0.1.0", "wasm-echo:plugin/tcp@0.1.0"];
+
+/// Where a plugin comes from: `--plugin NAME|PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PluginSource {
+    /// One of the plugins embedded in the binary.
+    Builtin(&'static str),
+    /// A component file.
+    File(PathBuf),
+}
+
+impl PluginSource {
+    /// Reads `--plugin`: a built-in's name, or else a path. A name that
+    /// looks like neither (no such built-in, no `/`, no `.wasm`) is refused
+    /// here rather than reported later as a missing file.
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError::UnknownBuiltin`] for a bare word that names no built-in.
+    pub fn parse(text: &str) -> Result<Self, LoadError> {
+        if let Some(name) = builtin_names().find(|name| *name == text) {
+            return Ok(Self::Builtin(name));
+        }
+        let path = PathBuf::from(text);
+        let looks_like_path = text.contains(std::path::MAIN_SEPARATOR)
+            || text.contains('/')
+            || path.extension().is_some()
+            || path.exists();
+        if looks_like_path {
+            Ok(Self::File(path))
+        } else {
+            Err(LoadError::UnknownBuiltin {
+                name: text.to_owned(),
+            })
+        }
+    }
+
+    /// A short name for logs: the built-in's name or the file's stem.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Builtin(name) => (*name).to_owned(),
+            Self::File(path) => path
+                .file_stem()
+                .map(|stem| stem.to_string_lossy().into_owned())
+                .unwrap_or_else(|| path.display().to_string()),
+        }
+    }
+
+    fn bytes(&self) -> Result<std::borrow::Cow<'static, [u8]>, LoadError> {
+        match self {
+            Self::Builtin(name) => builtin::BUILTIN_PLUGINS
+                .iter()
+                .find(|(builtin, _)| builtin == name)
+                .map(|(_, bytes)| std::borrow::Cow::Borrowed(*bytes))
+                .ok_or_else(|| LoadError::UnknownBuiltin {
+                    name: (*name).to_owned(),
+                }),
+            Self::File(path) => {
+                std::fs::read(path)
+                    .map(std::borrow::Cow::Owned)
+                    .map_err(|source| LoadError::Read {
+                        path: path.clone(),
+                        source,
+                    })
+            }
+        }
+    }
+}
+
+impl fmt::Display for PluginSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Builtin(name) => write!(f, "built-in plugin `{name}`"),
+            Self::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// Why a plugin could not be loaded. Each says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// `--plugin` named no built-in and no file.
+    #[error("no built-in plugin named `{name}` (built-ins: {}); give a path to a .wasm component for anything else", builtin_names().collect::<Vec<_>>().join(", "))]
+    UnknownBuiltin {
+        /// What was asked for.
+        name: String,
+    },
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The bytes are not WebAssembly at all.
+    #[error("{plugin} is not a WebAssembly component (no `\\0asm` header)")]
+    NotWasm {
+        /// Where the bytes came from.
+        plugin: PluginSource,
+    },
+    /// A core module where a component was expected.
+    #[error(
+        "{plugin} is a core WebAssembly module, not a component; build it for \
+         wasm32-wasip2 or wrap it with `wasm-tools component new`"
+    )]
+    CoreModule {
+        /// Where the bytes came from.
+        plugin: PluginSource,
+    },
+    /// Cranelift or the validator refused it.
+    #[error("{plugin} does not compile: {reason}")]
+    Compile {
+        /// Where the bytes came from.
+        plugin: PluginSource,
+        /// What the compiler said.
+        reason: String,
+    },
+    /// A component for some other world.
+    #[error(
+        "{plugin} does not implement the wasm-echo:plugin world: it does not export `{missing}`"
+    )]
+    WrongWorld {
+        /// Where the bytes came from.
+        plugin: PluginSource,
+        /// The first required export it lacks.
+        missing: String,
+    },
+    /// It imports something the host does not grant, or its exports have
+    /// the wrong types.
+    #[error("{plugin} does not fit the wasm-echo:plugin world: {reason}")]
+    Link {
+        /// Where the bytes came from.
+        plugin: PluginSource,
+        /// What does not fit.
+        reason: String,
+    },
+}
+
+/// A plugin compiled and pre-linked once, ready to be instantiated as often
+/// as connections come. Cheap to share: listeners hold it in an `Arc`.
+pub struct Plugin {
+    name: Arc<str>,
+    source: PluginSource,
+    component: Component,
+    pre: bindings::PluginPre<host::HostState>,
+}
+
+impl Plugin {
+    /// The plugin's short name, as logs show it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Where it was loaded from.
+    pub fn source(&self) -> &PluginSource {
+        &self.source
+    }
+
+    /// The interfaces and functions it imports, as the component names them.
+    pub fn imports(&self) -> Vec<String> {
+        let ty = self.component.component_type();
+        ty.imports(self.pre.engine())
+            .map(|(name, _)| name.to_owned())
+            .collect()
+    }
+
+    /// The interfaces and functions it exports.
+    pub fn exports(&self) -> Vec<String> {
+        let ty = self.component.component_type();
+        ty.exports(self.pre.engine())
+            .map(|(name, _)| name.to_owned())
+            .collect()
+    }
+}
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("source", &self.source)
+            .finish()
+    }
+}
