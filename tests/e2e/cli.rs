@@ -1,0 +1,165 @@
+use std::net::{TcpListener, UdpSocket};
+use std::process::Output;
+
+use crate::common::{plugins, run};
+
+/// Asserts a failure with exactly one line on stderr containing each of
+/// `needles`, and no panic.
+fn assert_one_line_error(output: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "expected failure; stderr: {stderr}"
+    );
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "one line of error, got:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
+    }
+}
+
+fn scratch_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wasm-echo-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).expect("write scratch file");
+    path
+}
+
+fn serve_with(plugin: &str) -> Output {
+    run(&["serve", "--plugin", plugin, "--udp", "127.0.0.1:0"])
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let output = serve_with("/nonexistent/plugin.wasm");
+    assert_one_line_error(
+        &output,
+        &["cannot read /nonexistent/plugin.wasm", "No such file"],
+    );
+}
+
+#[test]
+fn an_unknown_builtin_lists_the_builtins() {
+    let output = serve_with("helo");
+    assert_one_line_error(
+        &output,
+        &["no built-in plugin named `helo`", "hello, echo, counter"],
+    );
+}
+
+#[test]
+fn a_file_that_is_not_wasm_is_refused() {
+    let path = scratch_file("notes.wasm", b"these are not the bytes you are looking for");
+    let output = serve_with(path.to_str().expect("utf-8 path"));
+    assert_one_line_error(&output, &["is not a WebAssembly component"]);
+}
+
+#[test]
+fn a_core_module_is_told_to_become_a_component() {
+    // The smallest valid core module: the header and nothing else.
+    let path = scratch_file("core.wasm", b"\0asm\x01\0\0\0");
+    let output = serve_with(path.to_str().expect("utf-8 path"));
+    assert_one_line_error(
+        &output,
+        &[
+            "is a core WebAssembly module, not a component",
+            "wasm-tools component new",
+        ],
+    );
+}
+
+#[test]
+fn a_component_for_another_world_names_the_missing_export() {
+    // The smallest valid component: it exports nothing.
+    let path = scratch_file("empty.wasm", b"\0asm\x0d\0\x01\0");
+    let output = serve_with(path.to_str().expect("utf-8 path"));
+    assert_one_line_error(
+        &output,
+        &[
+            "does not implement the wasm-echo:plugin world",
+            "wasm-echo:plugin/udp@0.1.0",
+        ],
+    );
+    let output = run(&["check", path.to_str().expect("utf-8 path")]);
+    assert_one_line_error(&output, &["wasm-echo:plugin/udp@0.1.0"]);
+}
+
+#[test]
+fn a_port_in_use_says_so() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let output = run(&["serve", "--tcp", &addr]);
+    assert_one_line_error(
+        &output,
+        &[&format!("cannot listen on tcp {addr}"), "in use", "--tcp"],
+    );
+
+    let taken = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let output = run(&["serve", "--udp", &addr]);
+    assert_one_line_error(&output, &[&format!("cannot listen on udp {addr}"), "--udp"]);
+}
+
+#[test]
+fn a_bad_address_is_refused_by_the_parser() {
+    let output = run(&["serve", "--udp", "localhost"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("invalid value 'localhost' for '--udp <ADDR>'"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_bad_limit_is_refused_by_the_parser() {
+    let output = run(&["serve", "--memory-limit", "lots"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("expected a size like 64MiB"), "{stderr}");
+}
+
+#[test]
+fn check_reports_imports_and_exports() {
+    for plugin in ["hello", "echo", "counter", plugins::TRAP] {
+        let output = run(&["check", plugin]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{plugin}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.starts_with("ok: "), "{stdout}");
+        assert!(stdout.contains("  wasm-echo:plugin/udp@0.1.0"), "{stdout}");
+        assert!(stdout.contains("  wasm-echo:plugin/tcp@0.1.0"), "{stdout}");
+    }
+    // `hello` reads its greetings through the host interface.
+    let stdout = String::from_utf8_lossy(&run(&["check", "hello"]).stdout).into_owned();
+    assert!(stdout.contains("  wasm-echo:plugin/host@0.1.0"), "{stdout}");
+}
+
+#[test]
+fn the_client_says_when_nothing_answers() {
+    // A port that was just free: nothing listens on it.
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .to_string();
+    let output = run(&["client", "tcp", &addr]);
+    assert_one_line_error(&output, &["nothing listens on tcp", "connection refused"]);
+
+    let silent = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = silent.local_addr().expect("addr").to_string();
+    let output = run(&["client", "udp", &addr, "--timeout", "200ms"]);
+    assert_one_line_error(&output, &["no reply from udp", "within 200ms"]);
+
+    let output = run(&["client", "udp", "127.0.0.1"]);
+    assert_one_line_error(&output, &["bad server address"]);
+}

@@ -1,0 +1,255 @@
+//! Starting the real server and talking to it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub mod plugins {
+    //! Paths of the guest plugins built by host/build.rs.
+    #![allow(dead_code)]
+    include!(concat!(env!("OUT_DIR"), "/test_plugins.rs"));
+}
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_wasm-echo");
+
+/// How long a test waits for anything before it fails: generous, since the
+/// machine is shared; nothing is timed against it.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Runs `wasm-echo ARGS` to completion.
+pub fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("wasm-echo runs")
+}
+
+/// A running `wasm-echo serve`, killed when dropped.
+pub struct Server {
+    child: Child,
+    pub udp: Option<SocketAddr>,
+    pub tcp: Option<SocketAddr>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Serves `plugin` on UDP and TCP, both on 127.0.0.1 with ephemeral
+    /// ports, with `extra` arguments.
+    pub fn start(plugin: &str, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "--plugin",
+            plugin,
+            "--udp",
+            "127.0.0.1:0",
+            "--tcp",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        Self::with_args(&args)
+    }
+
+    /// Runs `wasm-echo serve ARGS` and waits for its `listening` lines.
+    pub fn with_args(args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("wasm-echo serve starts");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let mut err = child.stderr.take().expect("stderr piped");
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .expect("stderr lock")
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let expected = ["--udp", "--tcp"]
+            .iter()
+            .filter(|flag| args.contains(flag))
+            .count()
+            .max(1);
+        let (lines, received) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout piped");
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = Self {
+            child,
+            udp: None,
+            tcp: None,
+            stderr,
+        };
+        let deadline = Instant::now() + PATIENCE;
+        let mut seen = 0;
+        while seen < expected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = received.recv_timeout(left) else {
+                panic!(
+                    "server did not report its sockets; stderr:\n{}",
+                    server.stderr()
+                );
+            };
+            let mut words = line.split_whitespace();
+            if words.next() != Some("listening") {
+                continue;
+            }
+            let protocol = words.next().expect("protocol");
+            let addr: SocketAddr = words
+                .next()
+                .expect("address")
+                .parse()
+                .expect("a socket address");
+            match protocol {
+                "udp" => server.udp = Some(addr),
+                "tcp" => server.tcp = Some(addr),
+                other => panic!("unexpected protocol {other}"),
+            }
+            seen += 1;
+        }
+        server
+    }
+
+    pub fn udp(&self) -> SocketAddr {
+        self.udp.expect("serving udp")
+    }
+
+    pub fn tcp(&self) -> SocketAddr {
+        self.tcp.expect("serving tcp")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the server has logged so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().expect("stderr lock").clone()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let log = self.stderr();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "log never said {needle:?}:\n{log}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit; stderr:\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A UDP socket on 127.0.0.1 connected to `server`.
+pub fn udp_client(server: SocketAddr) -> UdpSocket {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind udp client");
+    socket.connect(server).expect("connect udp client");
+    socket
+        .set_read_timeout(Some(PATIENCE))
+        .expect("read timeout");
+    socket
+}
+
+/// Sends one datagram and waits for the reply.
+pub fn udp_ask(socket: &UdpSocket, message: &[u8]) -> Vec<u8> {
+    socket.send(message).expect("send datagram");
+    let mut buf = vec![0u8; 70_000];
+    let len = socket.recv(&mut buf).expect("a reply datagram");
+    buf.truncate(len);
+    buf
+}
+
+/// Asserts that no datagram arrives within `wait` (a negative check can
+/// only ever be bounded).
+pub fn udp_expect_silence(socket: &UdpSocket, wait: Duration) {
+    socket.set_read_timeout(Some(wait)).expect("read timeout");
+    let mut buf = [0u8; 2048];
+    let got = socket.recv(&mut buf);
+    socket
+        .set_read_timeout(Some(PATIENCE))
+        .expect("read timeout");
+    if let Ok(len) = got {
+        panic!(
+            "expected no reply, got {:?}",
+            String::from_utf8_lossy(&buf[..len])
+        );
+    }
+}
+
+/// A TCP connection to `server` with read timeouts.
+pub fn tcp_client(server: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(server).expect("connect tcp");
+    stream
+        .set_read_timeout(Some(PATIENCE))
+        .expect("read timeout");
+    stream.set_nodelay(true).expect("nodelay");
+    stream
+}
+
+/// Sends `message` and reads exactly `expected_len` bytes back.
+pub fn tcp_ask(stream: &mut TcpStream, message: &[u8], expected_len: usize) -> Vec<u8> {
+    stream.write_all(message).expect("send");
+    let mut reply = vec![0u8; expected_len];
+    stream.read_exact(&mut reply).expect("a whole reply");
+    reply
+}
+
+/// Reads until the server closes the connection; returns what came.
+pub fn tcp_read_to_end(stream: &mut TcpStream) -> Vec<u8> {
+    let mut rest = Vec::new();
+    match stream.read_to_end(&mut rest) {
+        Ok(_) => rest,
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => rest,
+        Err(error) => panic!("expected the server to close the connection: {error}"),
+    }
+}

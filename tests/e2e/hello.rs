@@ -1,0 +1,185 @@
+use std::io::Write;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::{
+    PATIENCE, Server, run, tcp_ask, tcp_client, tcp_read_to_end, udp_ask, udp_client,
+    udp_expect_silence,
+};
+
+#[test]
+fn udp_answers_like_the_documents_and_exit_stops_only_the_udp_listener() {
+    let mut server = Server::start("hello", &[]);
+    let socket = udp_client(server.udp());
+    assert_eq!(udp_ask(&socket, b"Hello, server!"), b"Hello, client!");
+    assert_eq!(udp_ask(&socket, b"anything at all"), b"Hello, client!");
+    socket.send(b"exit").expect("send exit");
+    server.wait_for_log("udp listener on");
+    udp_expect_silence(&socket, Duration::from_millis(300));
+    // TCP is a listener of its own and still serves.
+    let mut stream = tcp_client(server.tcp());
+    assert_eq!(
+        tcp_ask(&mut stream, b"hello, server", 18),
+        b"hello, tcp client!"
+    );
+    assert!(server.is_running());
+}
+
+#[test]
+fn exit_on_both_listeners_ends_the_process_with_status_0() {
+    let mut server = Server::start("hello", &[]);
+    let socket = udp_client(server.udp());
+    assert_eq!(udp_ask(&socket, b"Hello, server!"), b"Hello, client!");
+    socket.send(b"exit").expect("send exit");
+
+    let mut stream = tcp_client(server.tcp());
+    assert_eq!(
+        tcp_ask(&mut stream, b"hello, server", 18),
+        b"hello, tcp client!"
+    );
+    stream.write_all(b"exit").expect("send exit");
+    assert!(
+        tcp_read_to_end(&mut stream).is_empty(),
+        "exit gets no reply"
+    );
+
+    let status = server.wait_exit();
+    assert!(
+        status.success(),
+        "exit status {status:?}; stderr:\n{}",
+        server.stderr()
+    );
+    assert!(
+        std::net::TcpStream::connect(server.tcp()).is_err(),
+        "nothing accepts after exit"
+    );
+}
+
+#[test]
+fn exit_ignores_case_and_surrounding_whitespace() {
+    for word in ["EXIT", " Exit\n", "exit\r\n"] {
+        let mut server = Server::with_args(&["--udp", "127.0.0.1:0"]);
+        let socket = udp_client(server.udp());
+        socket.send(word.as_bytes()).expect("send exit");
+        assert!(server.wait_exit().success());
+    }
+    // Only the whole word counts.
+    let server = Server::start("hello", &[]);
+    let socket = udp_client(server.udp());
+    assert_eq!(udp_ask(&socket, b"exit please"), b"Hello, client!");
+}
+
+#[test]
+fn the_documents_python_clients_work_unchanged_but_for_the_port() {
+    let mut server = Server::start("hello", &[]);
+    let udp = run_document_client("udp_client.py", server.udp().port());
+    assert_eq!(udp.trim(), "Received Hello, client! from server");
+    let tcp = run_document_client("tcp_client.py", server.tcp().port());
+    assert_eq!(tcp.trim(), "received from server: hello, tcp client!");
+    // Both clients end with `exit`, which stops both listeners.
+    assert!(server.wait_exit().success(), "stderr:\n{}", server.stderr());
+}
+
+/// Runs one of the documents' clients (tests/clients) with python3, its
+/// port 12345 replaced by `port`, and returns what it printed.
+fn run_document_client(file: &str, port: u16) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/clients")
+        .join(file);
+    let source = std::fs::read_to_string(&path).expect("the documents' client");
+    assert!(source.contains("12345"), "{file} names the documents' port");
+    let source = source.replace("12345", &port.to_string());
+    let output = Command::new("python3")
+        .arg("-c")
+        .arg(source)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "{file} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8 output")
+}
+
+#[test]
+fn the_builtin_client_talks_to_the_server_and_stops_it() {
+    let mut server = Server::start("hello", &[]);
+    let udp = server.udp().to_string();
+    let tcp = server.tcp().to_string();
+    let output = run(&["client", "udp", &udp]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "Hello, client!\n");
+    let output = run(&["client", "tcp", &tcp, "hi there", "--no-exit"]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "hello, tcp client!\n"
+    );
+    assert!(server.is_running(), "--no-exit leaves the server running");
+    let output = run(&["client", "tcp", &tcp]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "hello, tcp client!\n"
+    );
+    assert!(server.wait_exit().success());
+}
+
+#[test]
+fn plugin_configuration_changes_the_greeting() {
+    let server = Server::start(
+        "hello",
+        &[
+            "--plugin-config",
+            "udp-greeting=Bonjour",
+            "--plugin-config",
+            "tcp-greeting=Salut",
+        ],
+    );
+    assert_eq!(udp_ask(&udp_client(server.udp()), b"hi"), b"Bonjour");
+    assert_eq!(tcp_ask(&mut tcp_client(server.tcp()), b"hi", 5), b"Salut");
+}
+
+#[test]
+fn sigterm_lets_open_connections_finish_then_exits_0() {
+    let mut server = Server::start("hello", &["--grace", "10s"]);
+    let mut stream = tcp_client(server.tcp());
+    assert_eq!(tcp_ask(&mut stream, b"one", 18), b"hello, tcp client!");
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    server.wait_for_log("shutting down");
+    // The open exchange goes on during the grace period...
+    assert_eq!(tcp_ask(&mut stream, b"two", 18), b"hello, tcp client!");
+    // ...while new connections are refused.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while std::net::TcpStream::connect(server.tcp()).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "listener still accepts after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(stream);
+    let status = server.wait_exit();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[test]
+fn grace_period_ends_lingering_connections() {
+    let mut server = Server::start("hello", &["--grace", "200ms"]);
+    let mut stream = tcp_client(server.tcp());
+    assert_eq!(tcp_ask(&mut stream, b"one", 18), b"hello, tcp client!");
+    Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    // The client never closes; the server closes it after the grace period.
+    assert!(tcp_read_to_end(&mut stream).is_empty());
+    assert!(server.wait_exit().success());
+}

@@ -1,0 +1,15 @@
+//! End-to-end tests: every test starts the real `wasm-echo` binary on
+//! 127.0.0.1 with ephemeral ports and talks to it over real sockets.
+
+mod common;
+
+/// Command-line errors: each bad input gets one clear line.
+mod cli;
+/// The counter plugin: per-connection and per-peer state.
+mod counter;
+/// The echo plugin: sizes, binary data, long streams, many clients.
+mod echo;
+/// Plugins that trap, loop or bloat fail one message, not the server.
+mod faults;
+/// The documents' exchange, `exit`, their Python clients and shutdown.
+mod hello;
