@@ -9,6 +9,8 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::client::{self, Exchange};
+use crate::framing::Framing;
+use crate::listener::tcp::TcpSettings;
 use crate::plugin::{Limits, PluginConfig, PluginSource, Runtime};
 use crate::server::{DEFAULT_PORT, ServeOptions, Server};
 
@@ -58,6 +60,15 @@ struct ServeArgs {
     /// How much linear memory one plugin instance may use (e.g. 64MiB).
     #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
     memory_limit: usize,
+    /// How the TCP byte stream is cut into messages: `raw` (each chunk as
+    /// read, as in the documents), `lines` (`\n`-terminated) or
+    /// `length-prefixed` (big-endian u32 length, then the bytes).
+    #[arg(long, value_enum, default_value_t = Framing::Raw)]
+    framing: Framing,
+    /// The longest TCP message a peer may send in `lines` or
+    /// `length-prefixed` mode; a longer one closes its connection.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
+    max_message: usize,
     /// How long open TCP connections may go on after their listener stops
     /// (on Ctrl-C, SIGTERM or the plugin's `exit`).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -133,7 +144,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             memory_bytes: args.memory_limit,
             ..Limits::default()
         },
-        grace: args.grace,
+        tcp_settings: TcpSettings {
+            framing: args.framing,
+            max_message: args.max_message,
+            grace: args.grace,
+        },
     };
     let wasm = Runtime::new()?;
     let server = Server::bind(&wasm, options).await?;

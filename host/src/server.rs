@@ -5,13 +5,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::listener::tcp::TcpSettings;
 use crate::listener::{self, Tenant};
 use crate::plugin::{Limits, PluginConfig, PluginSource, Runtime};
 
@@ -31,8 +31,8 @@ pub struct ServeOptions {
     pub tcp: Option<SocketAddr>,
     /// Bounds of every plugin call.
     pub limits: Limits,
-    /// How long open connections may go on once a TCP listener stops.
-    pub grace: Duration,
+    /// How the TCP listener frames messages and ends connections.
+    pub tcp_settings: TcpSettings,
 }
 
 /// A server whose sockets are bound, not yet serving.
@@ -40,7 +40,7 @@ pub struct Server {
     tenant: Arc<Tenant>,
     udp: Option<UdpSocket>,
     tcp: Option<TcpListener>,
-    grace: Duration,
+    tcp_settings: TcpSettings,
     shutdown: CancellationToken,
 }
 
@@ -82,7 +82,7 @@ impl Server {
             tenant,
             udp,
             tcp,
-            grace: options.grace,
+            tcp_settings: options.tcp_settings,
             shutdown: CancellationToken::new(),
         })
     }
@@ -136,7 +136,7 @@ impl Server {
                 tcp,
                 self.tenant.clone(),
                 self.shutdown.clone(),
-                self.grace,
+                self.tcp_settings,
             ));
         }
         while let Some(ended) = listeners.join_next().await {

@@ -11,5 +11,7 @@ mod counter;
 mod echo;
 /// Plugins that trap, loop or bloat fail one message, not the server.
 mod faults;
+/// TCP framing: raw chunks, lines, length-prefixed frames, and their errors.
+mod framing;
 /// The documents' exchange, `exit`, their Python clients and shutdown.
 mod hello;

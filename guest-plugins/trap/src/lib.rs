@@ -2,14 +2,22 @@
 //! one failed message costs only that message: `panic` panics (a trap),
 //! `loop` never returns (the deadline stops it), `bloat` allocates until
 //! the memory cap stops it, `close` asks the host to close the connection,
-//! and anything else is echoed.
+//! `framing` answers with the framing the host announced in `on-open`, and
+//! anything else is echoed.
 
 mod bindings {
     wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
 }
 
 use bindings::exports::wasm_echo::plugin::{tcp, udp};
-use bindings::wasm_echo::plugin::types::{Connection, Decision, Endpoint, Next};
+use std::cell::Cell;
+
+use bindings::wasm_echo::plugin::types::{Connection, Decision, Endpoint, Framing, Next};
+
+thread_local! {
+    /// The framing this connection's listener uses, from `on-open`.
+    static FRAMING: Cell<Option<Framing>> = const { Cell::new(None) };
+}
 
 struct Trap;
 
@@ -29,6 +37,18 @@ fn handle(data: Vec<u8>) -> Decision {
             reply: Some(b"bye".to_vec()),
             next: Next::CloseConnection,
         },
+        b"framing" => {
+            let name = match FRAMING.get() {
+                None => "none",
+                Some(Framing::Raw) => "raw",
+                Some(Framing::Lines) => "lines",
+                Some(Framing::LengthPrefixed) => "length-prefixed",
+            };
+            Decision {
+                reply: Some(name.as_bytes().to_vec()),
+                next: Next::CarryOn,
+            }
+        }
         _ => Decision {
             reply: Some(data),
             next: Next::CarryOn,
@@ -43,7 +63,8 @@ impl udp::Guest for Trap {
 }
 
 impl tcp::Guest for Trap {
-    fn on_open(_conn: Connection) -> Decision {
+    fn on_open(conn: Connection) -> Decision {
+        FRAMING.set(Some(conn.framing));
         Decision {
             reply: None,
             next: Next::CarryOn,

@@ -13,24 +13,39 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::bytes::BytesMut;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Tenant;
-use crate::plugin::{Connection, Decision, Framing, Instance, Next, endpoint};
+use crate::framing::{FrameError, Framing, MessageReader, frame_reply};
+use crate::plugin::{Connection, Decision, Instance, Next, endpoint};
 
 /// How much of a connection's stream is read (and handed to the plugin as
 /// one `raw` message) at a time.
 pub const READ_CHUNK: usize = 16 * 1024;
 
+/// How a TCP listener treats its connections.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpSettings {
+    /// How the byte stream is cut into messages.
+    pub framing: Framing,
+    /// The longest message a peer may send in `lines` or `length-prefixed`
+    /// mode.
+    pub max_message: usize,
+    /// How long open connections may go on once the listener stops.
+    pub grace: Duration,
+}
+
 /// Serves `listener` until the plugin stops it or `shutdown` fires, then
-/// gives open connections `grace` to finish.
+/// gives open connections the grace period to finish.
 pub async fn serve(
     listener: TcpListener,
     tenant: Arc<Tenant>,
     shutdown: CancellationToken,
-    grace: Duration,
+    settings: TcpSettings,
 ) {
+    let grace = settings.grace;
     let local = listener.local_addr().ok();
     // `stop` ends accepting; `hard_stop` ends connections after the grace.
     let stop = shutdown.child_token();
@@ -53,6 +68,8 @@ pub async fn serve(
         let connection = ConnectionTask {
             stream,
             peer,
+            settings,
+            reply: BytesMut::new(),
             tenant: tenant.clone(),
             stop: stop.clone(),
             hard_stop: hard_stop.clone(),
@@ -87,6 +104,9 @@ pub async fn serve(
 struct ConnectionTask {
     stream: TcpStream,
     peer: SocketAddr,
+    settings: TcpSettings,
+    /// The framed reply, reused across messages.
+    reply: BytesMut,
     tenant: Arc<Tenant>,
     /// Cancelled to stop the listener (the plugin's `stop-listener`).
     stop: CancellationToken,
@@ -104,6 +124,8 @@ enum End {
     Shutdown,
     /// A read or write failed.
     Io(std::io::Error),
+    /// The peer broke the framing.
+    Protocol(FrameError),
     /// A plugin call failed; the connection is closed without `on-close`.
     Failed(crate::plugin::CallError),
 }
@@ -141,6 +163,9 @@ impl ConnectionTask {
             End::Failed(error) => {
                 tracing::warn!(listener = "tcp", plugin, %peer, "connection closed: {error}");
             }
+            End::Protocol(error) => {
+                tracing::warn!(listener = "tcp", plugin, %peer, "connection closed: {error}");
+            }
             End::Io(error) => {
                 tracing::debug!(listener = "tcp", plugin, %peer, "connection lost: {error}")
             }
@@ -159,7 +184,7 @@ impl ConnectionTask {
         let conn = Connection {
             peer: endpoint(self.peer),
             local: endpoint(local),
-            framing: Framing::Raw,
+            framing: self.settings.framing.into(),
         };
         let decision = match instance.on_open(&conn, self.peer).await {
             Ok(decision) => decision,
@@ -168,33 +193,52 @@ impl ConnectionTask {
         if let Some(end) = self.carry_out(decision).await {
             return end;
         }
-        let mut buf = vec![0u8; READ_CHUNK];
+        let mut reader = MessageReader::new(self.settings.framing, self.settings.max_message);
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut peer_closed = false;
         loop {
+            let next = if peer_closed {
+                reader.next_at_eof(&mut buf)
+            } else {
+                reader.next(&mut buf)
+            };
+            match next {
+                Ok(Some(message)) => {
+                    let decision = match instance.on_message(&message).await {
+                        Ok(decision) => decision,
+                        Err(error) => return End::Failed(error),
+                    };
+                    if let Some(end) = self.carry_out(decision).await {
+                        return end;
+                    }
+                    continue;
+                }
+                Ok(None) if peer_closed => return End::PeerClosed,
+                Ok(None) => {}
+                Err(error) => return End::Protocol(error),
+            }
+            buf.reserve(READ_CHUNK);
             let read = tokio::select! {
                 () = self.hard_stop.cancelled() => return End::Shutdown,
-                read = self.stream.read(&mut buf) => read,
+                read = self.stream.read_buf(&mut buf) => read,
             };
-            let len = match read {
-                Ok(0) => return End::PeerClosed,
-                Ok(len) => len,
+            match read {
+                Ok(0) => peer_closed = true,
+                Ok(_) => {}
                 Err(error) => return End::Io(error),
-            };
-            let decision = match instance.on_message(&buf[..len]).await {
-                Ok(decision) => decision,
-                Err(error) => return End::Failed(error),
-            };
-            if let Some(end) = self.carry_out(decision).await {
-                return end;
             }
         }
     }
 
     /// Sends the reply and says whether the connection ends here.
     async fn carry_out(&mut self, decision: Decision) -> Option<End> {
-        if let Some(reply) = decision.reply.filter(|reply| !reply.is_empty()) {
+        if let Some(reply) = decision.reply {
+            if let Err(error) = frame_reply(self.settings.framing, &reply, &mut self.reply) {
+                return Some(End::Protocol(error));
+            }
             let written = tokio::select! {
                 () = self.hard_stop.cancelled() => return Some(End::Shutdown),
-                written = self.stream.write_all(&reply) => written,
+                written = self.stream.write_all(&self.reply) => written,
             };
             if let Err(error) = written {
                 return Some(End::Io(error));

@@ -1,0 +1,252 @@
+//! Framing: how a TCP listener cuts its byte stream into the messages a
+//! plugin sees, and frames the plugin's replies the same way. TCP delivers
+//! bytes, not messages: one `send` may arrive in pieces and several may
+//! arrive together (the documents' 粘包/拆包), so a protocol handler needs
+//! the host to reassemble messages before it sees them.
+//!
+//! The decoders are tokio-util's codecs; this module picks one per mode,
+//! bounds the size of a message, and names what went wrong. Reading the
+//! socket is the TCP listener's business.
+
+use tokio_util::bytes::{BufMut, Bytes, BytesMut};
+use tokio_util::codec::{AnyDelimiterCodec, BytesCodec, Decoder, LengthDelimitedCodec};
+
+use crate::plugin;
+
+/// The framing modes a TCP listener can use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Framing {
+    /// Each chunk read from the socket is one message, as in the documents.
+    #[default]
+    Raw,
+    /// Messages end with `\n` (`\r\n` too); replies get a `\n` appended when
+    /// they lack one.
+    Lines,
+    /// A big-endian u32 length, then that many bytes; replies are framed the
+    /// same way.
+    LengthPrefixed,
+}
+
+impl From<Framing> for plugin::Framing {
+    fn from(framing: Framing) -> Self {
+        match framing {
+            Framing::Raw => Self::Raw,
+            Framing::Lines => Self::Lines,
+            Framing::LengthPrefixed => Self::LengthPrefixed,
+        }
+    }
+}
+
+/// The default bound on one message in `lines` and `length-prefixed` mode.
+pub const DEFAULT_MAX_MESSAGE: usize = 1 << 20;
+
+/// A peer broke the framing; its connection is closed.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// A message grew past the listener's bound. It is refused before it is
+    /// buffered whole, so a peer cannot exhaust memory this way.
+    #[error("protocol error: message longer than the {max}-byte limit")]
+    TooLong {
+        /// The listener's bound.
+        max: usize,
+    },
+    /// The peer closed its side in the middle of a message.
+    #[error(
+        "protocol error: connection closed in the middle of a frame ({unread} bytes of it undelivered)"
+    )]
+    Truncated {
+        /// How many bytes of the frame had arrived (once the length prefix
+        /// is whole, it no longer counts).
+        unread: usize,
+    },
+}
+
+/// Cuts a byte stream into messages.
+pub struct MessageReader {
+    decoder: Kind,
+    max: usize,
+}
+
+enum Kind {
+    Raw(BytesCodec),
+    Lines(AnyDelimiterCodec),
+    LengthPrefixed(LengthDelimitedCodec),
+}
+
+impl MessageReader {
+    /// A reader for `framing` that refuses messages longer than `max` bytes
+    /// (`raw` chunks are bounded by the read size instead).
+    pub fn new(framing: Framing, max: usize) -> Self {
+        let decoder = match framing {
+            Framing::Raw => Kind::Raw(BytesCodec::new()),
+            Framing::Lines => Kind::Lines(AnyDelimiterCodec::new_with_max_length(
+                b"\n".to_vec(),
+                Vec::new(),
+                max,
+            )),
+            Framing::LengthPrefixed => Kind::LengthPrefixed(
+                LengthDelimitedCodec::builder()
+                    .big_endian()
+                    .length_field_type::<u32>()
+                    .max_frame_length(max)
+                    .new_codec(),
+            ),
+        };
+        Self { decoder, max }
+    }
+
+    /// Takes the next whole message out of `buf`, if one is there.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::TooLong`] once a message is known to exceed the bound.
+    pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+        let max = self.max;
+        match &mut self.decoder {
+            Kind::Raw(codec) => Ok(codec.decode(buf).ok().flatten().map(BytesMut::freeze)),
+            // Its only other error is I/O, which `decode` never does.
+            Kind::Lines(codec) => codec
+                .decode(buf)
+                .map(|line| line.map(strip_cr))
+                .map_err(|_| FrameError::TooLong { max }),
+            // The only decode error of this codec is an oversized length.
+            Kind::LengthPrefixed(codec) => match codec.decode(buf) {
+                Ok(frame) => Ok(frame.map(BytesMut::freeze)),
+                Err(_) => Err(FrameError::TooLong { max }),
+            },
+        }
+    }
+
+    /// Like [`MessageReader::next`], once the peer has closed its side. In
+    /// `lines` mode a last line without its `\n` is still a message (the
+    /// peer cannot send the rest any more, and `printf exit | nc` should
+    /// work); in `length-prefixed` mode a partial frame is an error.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::Truncated`] for a partial frame, or as for `next`.
+    pub fn next_at_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+        let max = self.max;
+        match &mut self.decoder {
+            Kind::Lines(codec) => codec
+                .decode_eof(buf)
+                .map(|line| line.map(strip_cr))
+                .map_err(|_| FrameError::TooLong { max }),
+            _ => match self.next(buf)? {
+                Some(message) => Ok(Some(message)),
+                None if buf.is_empty() => Ok(None),
+                None => Err(FrameError::Truncated {
+                    unread: buf.len(),
+                }),
+            },
+        }
+    }
+}
+
+/// A line's `\r` before its `\n` is part of the line ending.
+fn strip_cr(line: Bytes) -> Bytes {
+    match line.last() {
+        Some(b'\r') => line.slice(..line.len() - 1),
+        _ => line,
+    }
+}
+
+/// Frames `reply` for the wire into `out` (cleared first). `raw` sends the
+/// bytes as they are, `lines` appends a `\n` unless the reply ends with one,
+/// `length-prefixed` puts the big-endian u32 length first.
+///
+/// # Errors
+///
+/// A reply longer than `u32::MAX` bytes cannot be length-prefixed.
+pub fn frame_reply(framing: Framing, reply: &[u8], out: &mut BytesMut) -> Result<(), FrameError> {
+    out.clear();
+    match framing {
+        Framing::Raw => out.extend_from_slice(reply),
+        Framing::Lines => {
+            out.extend_from_slice(reply);
+            if reply.last() != Some(&b'\n') {
+                out.put_u8(b'\n');
+            }
+        }
+        Framing::LengthPrefixed => {
+            let len = u32::try_from(reply.len()).map_err(|_| FrameError::TooLong {
+                max: u32::MAX as usize,
+            })?;
+            out.put_u32(len);
+            out.extend_from_slice(reply);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(
+        framing: Framing,
+        max: usize,
+        pieces: &[&[u8]],
+    ) -> Result<Vec<Vec<u8>>, FrameError> {
+        let mut reader = MessageReader::new(framing, max);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for piece in pieces {
+            buf.extend_from_slice(piece);
+            while let Some(message) = reader.next(&mut buf)? {
+                out.push(message.to_vec());
+            }
+        }
+        while let Some(message) = reader.next_at_eof(&mut buf)? {
+            out.push(message.to_vec());
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn lines_are_reassembled_and_lose_their_endings() {
+        let got = messages(
+            Framing::Lines,
+            64,
+            &[b"al", b"pha\nbe", b"ta\r", b"\n\ngam", b"ma"],
+        )
+        .expect("valid");
+        assert_eq!(got, [&b"alpha"[..], b"beta", b"", b"gamma"]);
+    }
+
+    #[test]
+    fn length_prefixed_frames_split_and_joined() {
+        let got = messages(
+            Framing::LengthPrefixed,
+            64,
+            &[b"\0\0", b"\0\x03ab", b"c\0\0\0\0\0\0\0\x01z"],
+        )
+        .expect("valid");
+        assert_eq!(got, [&b"abc"[..], b"", b"z"]);
+    }
+
+    #[test]
+    fn oversized_and_truncated_frames_are_errors() {
+        assert!(matches!(
+            messages(Framing::Lines, 4, &[b"toolong"]),
+            Err(FrameError::TooLong { max: 4 })
+        ));
+        let huge = messages(Framing::LengthPrefixed, 1024, &[b"\x40\0\0\0"]);
+        assert!(matches!(huge, Err(FrameError::TooLong { max: 1024 })));
+        let cut = messages(Framing::LengthPrefixed, 1024, &[b"\0\0\0\x0aabc"]);
+        assert!(matches!(cut, Err(FrameError::Truncated { unread: 3 })));
+    }
+
+    #[test]
+    fn replies_are_framed_like_requests() {
+        let mut out = BytesMut::new();
+        frame_reply(Framing::Lines, b"hi", &mut out).expect("framed");
+        assert_eq!(&out[..], b"hi\n");
+        frame_reply(Framing::Lines, b"hi\n", &mut out).expect("framed");
+        assert_eq!(&out[..], b"hi\n");
+        frame_reply(Framing::LengthPrefixed, b"hi", &mut out).expect("framed");
+        assert_eq!(&out[..], b"\0\0\0\x02hi");
+        frame_reply(Framing::Raw, b"hi", &mut out).expect("framed");
+        assert_eq!(&out[..], b"hi");
+    }
+}
