@@ -4,7 +4,9 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use crate::plugin::{Instance, Limits, PluginConfig, PluginSource, Runtime};
+use crate::plugin::{
+    Instance, InstanceSettings, Limits, LogBudget, PluginConfig, PluginSource, Runtime,
+};
 
 /// Checks `source` and returns the report to print.
 ///
@@ -13,8 +15,15 @@ use crate::plugin::{Instance, Limits, PluginConfig, PluginSource, Runtime};
 /// Whatever keeps the plugin from serving: it does not load, or its
 /// start-up code fails within the default limits.
 pub async fn check(runtime: &Runtime, source: &PluginSource) -> anyhow::Result<String> {
-    let plugin = runtime.load(source)?;
-    Instance::new(&plugin, Arc::new(PluginConfig::new()), &Limits::default())
+    let plugin = Arc::new(runtime.load(source)?);
+    let tenant: Arc<str> = "check".into();
+    let settings = InstanceSettings {
+        log_budget: LogBudget::new(tenant.clone(), 100),
+        tenant,
+        config: PluginConfig::new(),
+        limits: Limits::default(),
+    };
+    Instance::new(&plugin, Arc::new(settings))
         .await
         .map_err(|error| anyhow::anyhow!("{source} fails to start: {error}"))?;
     let mut report = format!("ok: {source} is a wasm-echo:plugin@0.1.0 component\nimports:\n");

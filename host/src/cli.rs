@@ -2,6 +2,7 @@
 //! verb hands off to its module at once.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -9,10 +10,12 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::client::{self, Exchange};
-use crate::framing::Framing;
-use crate::listener::tcp::TcpSettings;
+use crate::config::{
+    DEFAULT_GRACE, FailurePolicy, ListenerConfig, ServerConfig, TrafficLimits, parse_size,
+};
+use crate::framing::{DEFAULT_MAX_MESSAGE, Framing};
 use crate::plugin::{Limits, PluginConfig, PluginSource, Runtime};
-use crate::server::{DEFAULT_PORT, ServeOptions, Server};
+use crate::server::{DEFAULT_PORT, Server};
 
 /// A UDP and TCP server whose every response is decided by a sandboxed
 /// WebAssembly component.
@@ -38,10 +41,16 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
+    /// Serve the listeners described in this TOML file (see
+    /// wasm-echo.example.toml) instead of one plugin given by flags.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "plugin", "udp", "tcp", "settings", "call_timeout", "memory_limit", "framing", "max_message", "grace",
+    ])]
+    config: Option<PathBuf>,
     /// The plugin: a built-in's name (hello, echo, counter) or the path of a
     /// .wasm component.
-    #[arg(long, default_value = "hello", value_name = "NAME|PATH")]
-    plugin: String,
+    #[arg(long, value_name = "NAME|PATH")]
+    plugin: Option<String>,
     /// Serve UDP on this address. Without --udp and --tcp both are served on
     /// 0.0.0.0:12345; with only one of them, only that one.
     #[arg(long, value_name = "ADDR")]
@@ -54,25 +63,62 @@ struct ServeArgs {
     #[arg(long = "plugin-config", value_name = "KEY=VALUE", value_parser = parse_setting)]
     settings: Vec<(String, String)>,
     /// How long one plugin call may run before it is stopped and its
-    /// message fails.
-    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = humantime::parse_duration)]
-    call_timeout: Duration,
-    /// How much linear memory one plugin instance may use (e.g. 64MiB).
-    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
-    memory_limit: usize,
+    /// message fails [default: 100ms].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    call_timeout: Option<Duration>,
+    /// How much linear memory one plugin instance may use [default: 64MiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory_limit: Option<usize>,
     /// How the TCP byte stream is cut into messages: `raw` (each chunk as
     /// read, as in the documents), `lines` (`\n`-terminated) or
-    /// `length-prefixed` (big-endian u32 length, then the bytes).
-    #[arg(long, value_enum, default_value_t = Framing::Raw)]
-    framing: Framing,
+    /// `length-prefixed` (big-endian u32 length, then the bytes)
+    /// [default: raw].
+    #[arg(long, value_enum)]
+    framing: Option<Framing>,
     /// The longest TCP message a peer may send in `lines` or
-    /// `length-prefixed` mode; a longer one closes its connection.
-    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
-    max_message: usize,
+    /// `length-prefixed` mode; a longer one closes its connection
+    /// [default: 1MiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_message: Option<usize>,
     /// How long open TCP connections may go on after their listener stops
-    /// (on Ctrl-C, SIGTERM or the plugin's `exit`).
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
-    grace: Duration,
+    /// (on Ctrl-C, SIGTERM or the plugin's `exit`) [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    grace: Option<Duration>,
+}
+
+impl ServeArgs {
+    /// The configuration the flags describe: one listener, `main`.
+    fn into_config(self) -> anyhow::Result<ServerConfig> {
+        let (udp, tcp) = match (self.udp, self.tcp) {
+            (None, None) => {
+                let all: SocketAddr = ([0, 0, 0, 0], DEFAULT_PORT).into();
+                (Some(all), Some(all))
+            }
+            addrs => addrs,
+        };
+        let defaults = Limits::default();
+        let listener = ListenerConfig {
+            name: "main".to_owned(),
+            plugin: PluginSource::parse(self.plugin.as_deref().unwrap_or("hello"))?,
+            plugin_config: self.settings.into_iter().collect::<PluginConfig>(),
+            udp,
+            tcp,
+            framing: self.framing.unwrap_or_default(),
+            max_message: self.max_message.unwrap_or(DEFAULT_MAX_MESSAGE),
+            limits: Limits {
+                call_timeout: self.call_timeout.unwrap_or(defaults.call_timeout),
+                memory_bytes: self.memory_limit.unwrap_or(defaults.memory_bytes),
+                ..defaults
+            },
+            traffic: TrafficLimits::default(),
+            honor_stop: true,
+            on_failure: FailurePolicy::default(),
+        };
+        Ok(ServerConfig {
+            listeners: vec![listener],
+            grace: self.grace.unwrap_or(DEFAULT_GRACE),
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -125,36 +171,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     init_logging();
-    let (udp, tcp) = match (args.udp, args.tcp) {
-        (None, None) => {
-            let all: SocketAddr = ([0, 0, 0, 0], DEFAULT_PORT).into();
-            (Some(all), Some(all))
-        }
-        addrs => addrs,
-    };
-    let options = ServeOptions {
-        plugin: PluginSource::parse(&args.plugin)?,
-        config: args.settings.into_iter().collect::<PluginConfig>(),
-        udp,
-        tcp,
-        limits: Limits {
-            call_timeout: args.call_timeout,
-            memory_bytes: args.memory_limit,
-            ..Limits::default()
-        },
-        tcp_settings: TcpSettings {
-            framing: args.framing,
-            max_message: args.max_message,
-            grace: args.grace,
-        },
+    let (config, origin) = match args.config.take() {
+        Some(path) => (ServerConfig::from_file(&path)?, Some(path)),
+        None => (args.into_config()?, None),
     };
     let wasm = Runtime::new()?;
-    let server = Server::bind(&wasm, options).await?;
+    let server = Server::bind(&wasm, config, origin).await?;
     // Scripts and tests read these lines to learn the real ports.
-    for (protocol, addr) in server.local_addrs()? {
-        println!("listening {protocol} {addr}");
+    for (name, protocol, addr) in server.local_addrs() {
+        println!("listening {protocol} {addr} {name}");
     }
     let shutdown = server.shutdown_token();
     tokio::spawn(async move {
@@ -241,40 +268,9 @@ fn parse_setting(text: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Parses a size: bytes, or a number with KiB, MiB or GiB.
-fn parse_size(text: &str) -> Result<usize, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: usize = number
-        .parse()
-        .map_err(|_| format!("expected a size like 64MiB, got `{text}`"))?;
-    let scale: usize = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" | "K" | "k" => 1 << 10,
-        "MiB" | "M" => 1 << 20,
-        "GiB" | "G" => 1 << 30,
-        other => return Err(format!("unknown size unit `{other}` (use KiB, MiB or GiB)")),
-    };
-    number
-        .checked_mul(scale)
-        .ok_or_else(|| format!("size `{text}` is too large"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_binary_units() {
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("5 parsecs").is_err());
-    }
 
     #[test]
     fn settings_need_a_key() {

@@ -135,9 +135,7 @@ impl MessageReader {
             _ => match self.next(buf)? {
                 Some(message) => Ok(Some(message)),
                 None if buf.is_empty() => Ok(None),
-                None => Err(FrameError::Truncated {
-                    unread: buf.len(),
-                }),
+                None => Err(FrameError::Truncated { unread: buf.len() }),
             },
         }
     }

@@ -11,7 +11,9 @@
 pub mod check;
 pub mod cli;
 pub mod client;
+pub mod config;
 pub mod framing;
 pub mod listener;
 pub mod plugin;
 pub mod server;
+pub mod tenant;

@@ -1,114 +1,155 @@
-//! The server: loads the plugin, binds the sockets, runs one listener per
-//! socket, and ends when every listener has stopped, either because its
-//! plugin said so (the documents' `exit`) or because the process was asked
-//! to shut down.
+//! The server: loads every listener's plugin, binds every socket, runs one
+//! listener task per socket, and ends when all of them have stopped, either
+//! because their plugins said so (the documents' `exit`) or because the
+//! process was asked to shut down.
+//!
+//! Nothing binds until every plugin has loaded: a bad configuration leaves
+//! no half-started server behind.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context as _;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::listener::tcp::TcpSettings;
-use crate::listener::{self, Tenant};
-use crate::plugin::{Limits, PluginConfig, PluginSource, Runtime};
+use crate::config::{ConfigError, ServerConfig};
+use crate::listener;
+use crate::plugin::{Plugin, PluginSource, Runtime};
+use crate::tenant::{NativeHandler, Tenant};
 
 /// The documents' port.
 pub const DEFAULT_PORT: u16 = 12345;
 
-/// What to serve.
-#[derive(Clone, Debug)]
-pub struct ServeOptions {
-    /// The plugin every message goes to.
-    pub plugin: PluginSource,
-    /// The plugin's settings.
-    pub config: PluginConfig,
-    /// Where to listen for datagrams, if at all.
-    pub udp: Option<SocketAddr>,
-    /// Where to accept connections, if at all.
-    pub tcp: Option<SocketAddr>,
-    /// Bounds of every plugin call.
-    pub limits: Limits,
-    /// How the TCP listener frames messages and ends connections.
-    pub tcp_settings: TcpSettings,
+/// One bound socket and the tenant it serves.
+struct Socket {
+    tenant: Arc<Tenant>,
+    kind: SocketKind,
+}
+
+enum SocketKind {
+    Udp(UdpSocket),
+    Tcp(TcpListener),
 }
 
 /// A server whose sockets are bound, not yet serving.
 pub struct Server {
-    tenant: Arc<Tenant>,
-    udp: Option<UdpSocket>,
-    tcp: Option<TcpListener>,
-    tcp_settings: TcpSettings,
+    tenants: Vec<Arc<Tenant>>,
+    sockets: Vec<Socket>,
+    grace: Duration,
     shutdown: CancellationToken,
 }
 
 impl Server {
-    /// Loads the plugin, then binds the sockets: a plugin that does not load
-    /// binds nothing.
+    /// Loads every plugin (each distinct one once), then binds every socket.
+    /// `origin` is the configuration file, named in errors.
     ///
     /// # Errors
     ///
     /// A plugin that does not load, or an address that cannot be bound.
-    pub async fn bind(runtime: &Runtime, options: ServeOptions) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            options.udp.is_some() || options.tcp.is_some(),
-            "nothing to serve: give --udp, --tcp or both"
-        );
-        let plugin = runtime.load(&options.plugin)?;
-        let tenant = Arc::new(Tenant {
-            plugin: Arc::new(plugin),
-            config: Arc::new(options.config),
-            limits: options.limits,
-        });
-        let udp = match options.udp {
-            Some(addr) => Some(
-                UdpSocket::bind(addr)
+    pub async fn bind(
+        runtime: &Runtime,
+        config: ServerConfig,
+        origin: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        let mut loaded: HashMap<PluginSource, Arc<Plugin>> = HashMap::new();
+        let mut tenants = Vec::new();
+        for listener in config.listeners {
+            let plugin = match loaded.get(&listener.plugin) {
+                Some(plugin) => plugin.clone(),
+                None => {
+                    let plugin = runtime
+                        .load(&listener.plugin)
+                        .map_err(|error| match &origin {
+                            Some(path) => ConfigError::at(
+                                path,
+                                &format!("listeners.{}.plugin", listener.name),
+                                error,
+                            )
+                            .into(),
+                            None => anyhow::Error::from(error),
+                        })?;
+                    let plugin = Arc::new(plugin);
+                    loaded.insert(listener.plugin.clone(), plugin.clone());
+                    plugin
+                }
+            };
+            tenants.push(Arc::new(Tenant::wasm(listener, plugin)));
+        }
+        Self::bind_tenants(tenants, config.grace).await
+    }
+
+    /// Like [`Server::bind`], with native code in place of every plugin:
+    /// the benchmark's measure of the host without WebAssembly.
+    ///
+    /// # Errors
+    ///
+    /// An address that cannot be bound.
+    pub async fn bind_native(
+        config: ServerConfig,
+        handler: Arc<dyn NativeHandler>,
+    ) -> anyhow::Result<Self> {
+        let tenants = config
+            .listeners
+            .into_iter()
+            .map(|listener| Arc::new(Tenant::native(listener, handler.clone())))
+            .collect();
+        Self::bind_tenants(tenants, config.grace).await
+    }
+
+    async fn bind_tenants(tenants: Vec<Arc<Tenant>>, grace: Duration) -> anyhow::Result<Self> {
+        let mut sockets = Vec::new();
+        for tenant in &tenants {
+            if let Some(addr) = tenant.config.udp {
+                let socket = UdpSocket::bind(addr)
                     .await
-                    .map_err(|e| bind_error("udp", addr, &e))?,
-            ),
-            None => None,
-        };
-        let tcp = match options.tcp {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
+                    .map_err(|e| bind_error("udp", addr, &e))?;
+                sockets.push(Socket {
+                    tenant: tenant.clone(),
+                    kind: SocketKind::Udp(socket),
+                });
+            }
+            if let Some(addr) = tenant.config.tcp {
+                let socket = TcpListener::bind(addr)
                     .await
-                    .map_err(|e| bind_error("tcp", addr, &e))?,
-            ),
-            None => None,
-        };
+                    .map_err(|e| bind_error("tcp", addr, &e))?;
+                sockets.push(Socket {
+                    tenant: tenant.clone(),
+                    kind: SocketKind::Tcp(socket),
+                });
+            }
+        }
         Ok(Self {
-            tenant,
-            udp,
-            tcp,
-            tcp_settings: options.tcp_settings,
+            tenants,
+            sockets,
+            grace,
             shutdown: CancellationToken::new(),
         })
     }
 
-    /// The bound addresses, with the real port when port 0 was asked for.
-    ///
-    /// # Errors
-    ///
-    /// If the operating system cannot say (it always can for a bound socket).
-    pub fn local_addrs(&self) -> anyhow::Result<Vec<(&'static str, SocketAddr)>> {
-        let mut addrs = Vec::new();
-        if let Some(udp) = &self.udp {
-            addrs.push((
-                "udp",
-                udp.local_addr()
-                    .context("reading the udp socket's address")?,
-            ));
-        }
-        if let Some(tcp) = &self.tcp {
-            addrs.push((
-                "tcp",
-                tcp.local_addr()
-                    .context("reading the tcp socket's address")?,
-            ));
-        }
-        Ok(addrs)
+    /// The bound sockets as (listener name, protocol, address), with the
+    /// real port where port 0 was asked for.
+    pub fn local_addrs(&self) -> Vec<(&str, &'static str, SocketAddr)> {
+        let addr = |socket: &Socket| match &socket.kind {
+            SocketKind::Udp(udp) => udp.local_addr().map(|addr| ("udp", addr)),
+            SocketKind::Tcp(tcp) => tcp.local_addr().map(|addr| ("tcp", addr)),
+        };
+        self.sockets
+            .iter()
+            .filter_map(|socket| {
+                addr(socket)
+                    .ok()
+                    .map(|(protocol, addr)| (socket.tenant.name(), protocol, addr))
+            })
+            .collect()
+    }
+
+    /// The tenants, for reloads.
+    pub fn tenants(&self) -> &[Arc<Tenant>] {
+        &self.tenants
     }
 
     /// Cancel this to shut the server down gracefully.
@@ -118,26 +159,32 @@ impl Server {
 
     /// Serves until every listener has stopped.
     pub async fn run(self) {
-        tracing::info!(
-            plugin = self.tenant.plugin.name(),
-            "serving with {}",
-            self.tenant.plugin.source()
-        );
-        let mut listeners = JoinSet::new();
-        if let Some(udp) = self.udp {
-            listeners.spawn(listener::udp::serve(
-                udp,
-                self.tenant.clone(),
-                self.shutdown.clone(),
-            ));
+        for tenant in &self.tenants {
+            tracing::info!(
+                listener = tenant.name(),
+                version = tenant.version_label(),
+                "serving"
+            );
         }
-        if let Some(tcp) = self.tcp {
-            listeners.spawn(listener::tcp::serve(
-                tcp,
-                self.tenant.clone(),
-                self.shutdown.clone(),
-                self.tcp_settings,
-            ));
+        let mut listeners = JoinSet::new();
+        for socket in self.sockets {
+            match socket.kind {
+                SocketKind::Udp(udp) => {
+                    listeners.spawn(listener::udp::serve(
+                        udp,
+                        socket.tenant,
+                        self.shutdown.clone(),
+                    ));
+                }
+                SocketKind::Tcp(tcp) => {
+                    listeners.spawn(listener::tcp::serve(
+                        tcp,
+                        socket.tenant,
+                        self.shutdown.clone(),
+                        self.grace,
+                    ));
+                }
+            }
         }
         while let Some(ended) = listeners.join_next().await {
             if let Err(error) = ended {

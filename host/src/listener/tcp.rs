@@ -1,7 +1,10 @@
-//! The TCP listener: accepts connections and gives each its own plugin
-//! instance, born with the connection and dropped with it, so a plugin's
-//! memory is that connection's state and a failure ends only that
+//! The TCP listener: accepts connections and gives each its own session, a
+//! plugin instance born with the connection and dropped with it, so a
+//! plugin's memory is that connection's state and a failure ends only that
 //! connection.
+//!
+//! A connection keeps the plugin version it started with until it closes,
+//! even when a reload swaps in a new one: it never sees two versions.
 //!
 //! Stopping: when the plugin asks (`stop-listener`) or the server shuts
 //! down, the listener stops accepting at once; open connections may finish
@@ -13,39 +16,27 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::bytes::BytesMut;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::bytes::{Bytes, BytesMut};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Tenant;
-use crate::framing::{FrameError, Framing, MessageReader, frame_reply};
-use crate::plugin::{Connection, Decision, Instance, Next, endpoint};
+use crate::framing::{FrameError, MessageReader, frame_reply};
+use crate::plugin::{CallError, Connection, Decision, Next, endpoint};
+use crate::tenant::{Session, Tenant};
 
 /// How much of a connection's stream is read (and handed to the plugin as
 /// one `raw` message) at a time.
 pub const READ_CHUNK: usize = 16 * 1024;
 
-/// How a TCP listener treats its connections.
-#[derive(Clone, Copy, Debug)]
-pub struct TcpSettings {
-    /// How the byte stream is cut into messages.
-    pub framing: Framing,
-    /// The longest message a peer may send in `lines` or `length-prefixed`
-    /// mode.
-    pub max_message: usize,
-    /// How long open connections may go on once the listener stops.
-    pub grace: Duration,
-}
-
 /// Serves `listener` until the plugin stops it or `shutdown` fires, then
-/// gives open connections the grace period to finish.
+/// gives open connections `grace` to finish.
 pub async fn serve(
     listener: TcpListener,
     tenant: Arc<Tenant>,
     shutdown: CancellationToken,
-    settings: TcpSettings,
+    grace: Duration,
 ) {
-    let grace = settings.grace;
     let local = listener.local_addr().ok();
     // `stop` ends accepting; `hard_stop` ends connections after the grace.
     let stop = shutdown.child_token();
@@ -59,20 +50,29 @@ pub async fn serve(
                 Err(error) => {
                     // Out of file descriptors, mostly: back off instead of
                     // spinning, and keep serving the connections we have.
-                    tracing::warn!(listener = "tcp", "accept failed: {error}");
+                    tracing::warn!(listener = tenant.name(), "accept failed: {error}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
+        let Some(permit) = tenant.admit_connection() else {
+            tracing::debug!(
+                listener = tenant.name(),
+                %peer,
+                "connection refused: max-connections ({}) reached",
+                tenant.traffic().max_connections
+            );
+            continue;
+        };
         let connection = ConnectionTask {
             stream,
             peer,
-            settings,
-            reply: BytesMut::new(),
             tenant: tenant.clone(),
             stop: stop.clone(),
             hard_stop: hard_stop.clone(),
+            reply: BytesMut::new(),
+            _permit: permit,
         };
         connections.spawn(connection.run());
     }
@@ -80,8 +80,10 @@ pub async fn serve(
     connections.close();
     if !connections.is_empty() {
         tracing::info!(
-            "tcp listener stopped accepting; {} connection(s) have {grace:?} to finish",
-            connections.len()
+            listener = tenant.name(),
+            "tcp listener stopped accepting; {} connection(s) have {} to finish",
+            connections.len(),
+            humantime::format_duration(grace)
         );
     }
     if tokio::time::timeout(grace, connections.wait())
@@ -89,6 +91,7 @@ pub async fn serve(
         .is_err()
     {
         tracing::info!(
+            listener = tenant.name(),
             "grace period over: closing {} connection(s)",
             connections.len()
         );
@@ -96,7 +99,7 @@ pub async fn serve(
         connections.wait().await;
     }
     if let Some(local) = local {
-        tracing::info!("tcp listener on {local} stopped");
+        tracing::info!(listener = tenant.name(), "tcp listener on {local} stopped");
     }
 }
 
@@ -104,14 +107,15 @@ pub async fn serve(
 struct ConnectionTask {
     stream: TcpStream,
     peer: SocketAddr,
-    settings: TcpSettings,
-    /// The framed reply, reused across messages.
-    reply: BytesMut,
     tenant: Arc<Tenant>,
     /// Cancelled to stop the listener (the plugin's `stop-listener`).
     stop: CancellationToken,
     /// Cancelled when the grace period is over.
     hard_stop: CancellationToken,
+    /// The framed reply, reused across messages.
+    reply: BytesMut,
+    /// This connection's place under the tenant's `max-connections`.
+    _permit: OwnedSemaphorePermit,
 }
 
 /// How a connection ended, for the log.
@@ -122,53 +126,51 @@ enum End {
     PluginClosed,
     /// The server's grace period ran out.
     Shutdown,
+    /// Nothing arrived for the tenant's idle timeout.
+    Idle,
     /// A read or write failed.
     Io(std::io::Error),
     /// The peer broke the framing.
     Protocol(FrameError),
-    /// A plugin call failed; the connection is closed without `on-close`.
-    Failed(crate::plugin::CallError),
+    /// A plugin call failed (or its reply broke a limit); the connection is
+    /// closed without `on-close`.
+    Failed(String),
 }
 
 impl ConnectionTask {
     async fn run(mut self) {
-        let plugin = self.tenant.plugin.name().to_owned();
         let peer = self.peer;
+        let tenant = self.tenant.clone();
+        let listener = tenant.name();
         // Replies are small and request/response latency matters more than
         // packing segments.
         if let Err(error) = self.stream.set_nodelay(true) {
-            tracing::debug!(%peer, "TCP_NODELAY not set: {error}");
+            tracing::debug!(listener, %peer, "TCP_NODELAY not set: {error}");
         }
-        let tenant = self.tenant.clone();
-        let mut instance = match Instance::new(
-            &tenant.plugin,
-            tenant.config.clone(),
-            &tenant.limits,
-        )
-        .await
-        {
-            Ok(instance) => instance,
+        let mut session = match tenant.session().await {
+            Ok(session) => session,
             Err(error) => {
-                tracing::warn!(listener = "tcp", plugin, %peer, "connection refused: instantiation failed: {error}");
+                tenant.record_failure();
+                tracing::warn!(listener, %peer, "connection refused: instantiation failed: {error}");
                 return;
             }
         };
-        let end = self.exchange(&mut instance).await;
+        let end = self.exchange(&mut session).await;
+        let version = session.version();
         if !matches!(end, End::Failed(_))
-            && let Err(error) = instance.on_close().await
+            && let Err(error) = session.on_close().await
         {
-            tracing::warn!(listener = "tcp", plugin, %peer, "on-close failed: {error}");
+            tracing::warn!(listener, %peer, version, "on-close failed: {error}");
         }
         match end {
-            End::Failed(error) => {
-                tracing::warn!(listener = "tcp", plugin, %peer, "connection closed: {error}");
+            End::Failed(reason) => {
+                tracing::warn!(listener, %peer, version, "connection closed: {reason}")
             }
             End::Protocol(error) => {
-                tracing::warn!(listener = "tcp", plugin, %peer, "connection closed: {error}");
+                tracing::warn!(listener, %peer, version, "connection closed: {error}")
             }
-            End::Io(error) => {
-                tracing::debug!(listener = "tcp", plugin, %peer, "connection lost: {error}")
-            }
+            End::Idle => tracing::debug!(listener, %peer, version, "connection closed: idle"),
+            End::Io(error) => tracing::debug!(listener, %peer, version, "connection lost: {error}"),
             End::PeerClosed | End::PluginClosed | End::Shutdown => {}
         }
         // Send FIN after the last reply rather than relying on drop.
@@ -176,7 +178,7 @@ impl ConnectionTask {
     }
 
     /// Opens the conversation and serves messages until it ends.
-    async fn exchange(&mut self, instance: &mut Instance) -> End {
+    async fn exchange(&mut self, session: &mut Session) -> End {
         let local = match self.stream.local_addr() {
             Ok(local) => local,
             Err(error) => return End::Io(error),
@@ -184,16 +186,17 @@ impl ConnectionTask {
         let conn = Connection {
             peer: endpoint(self.peer),
             local: endpoint(local),
-            framing: self.settings.framing.into(),
+            framing: self.tenant.config.framing.into(),
         };
-        let decision = match instance.on_open(&conn, self.peer).await {
+        let decision = match session.on_open(&conn, self.peer).await {
             Ok(decision) => decision,
-            Err(error) => return End::Failed(error),
+            Err(error) => return End::Failed(format!("{}: {error}", session.version())),
         };
-        if let Some(end) = self.carry_out(decision).await {
+        if let Some(end) = self.carry_out(session, decision, None).await {
             return end;
         }
-        let mut reader = MessageReader::new(self.settings.framing, self.settings.max_message);
+        let mut reader =
+            MessageReader::new(self.tenant.config.framing, self.tenant.config.max_message);
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut peer_closed = false;
         loop {
@@ -204,11 +207,7 @@ impl ConnectionTask {
             };
             match next {
                 Ok(Some(message)) => {
-                    let decision = match instance.on_message(&message).await {
-                        Ok(decision) => decision,
-                        Err(error) => return End::Failed(error),
-                    };
-                    if let Some(end) = self.carry_out(decision).await {
+                    if let Some(end) = self.deliver(session, message).await {
                         return end;
                     }
                     continue;
@@ -220,6 +219,7 @@ impl ConnectionTask {
             buf.reserve(READ_CHUNK);
             let read = tokio::select! {
                 () = self.hard_stop.cancelled() => return End::Shutdown,
+                () = tokio::time::sleep(self.tenant.traffic().idle_timeout) => return End::Idle,
                 read = self.stream.read_buf(&mut buf) => read,
             };
             match read {
@@ -230,33 +230,91 @@ impl ConnectionTask {
         }
     }
 
+    /// Hands one message to the plugin, within the peer's rate limit, and
+    /// carries out the decision. Says whether the connection ends here.
+    async fn deliver(&mut self, session: &mut Session, message: Bytes) -> Option<End> {
+        tokio::select! {
+            () = self.hard_stop.cancelled() => return Some(End::Shutdown),
+            () = self.tenant.pace(self.peer.ip()) => {}
+        }
+        match session.on_message(&message).await {
+            Ok(decision) => self.carry_out(session, decision, Some(&message)).await,
+            Err(error) => self.fail(session, &message, &error).await,
+        }
+    }
+
+    /// A failed message: the connection closes, or, for a tenant that fails
+    /// open, the message is echoed and a fresh instance takes over.
+    async fn fail(
+        &mut self,
+        session: &mut Session,
+        message: &[u8],
+        error: &CallError,
+    ) -> Option<End> {
+        self.tenant.record_failure();
+        let reason = format!("{}: {error}", session.version());
+        let Some(echo) = self.tenant.failure_reply(message) else {
+            return Some(End::Failed(reason));
+        };
+        tracing::warn!(listener = self.tenant.name(), peer = %self.peer, "message failed, echoed (fail-open): {reason}");
+        if let Some(end) = self.send(echo).await {
+            return Some(end);
+        }
+        match self.tenant.session().await {
+            Ok(fresh) => *session = fresh,
+            Err(error) => return Some(End::Failed(format!("instantiation failed: {error}"))),
+        }
+        None
+    }
+
     /// Sends the reply and says whether the connection ends here.
-    async fn carry_out(&mut self, decision: Decision) -> Option<End> {
+    async fn carry_out(
+        &mut self,
+        session: &mut Session,
+        decision: Decision,
+        request: Option<&[u8]>,
+    ) -> Option<End> {
         if let Some(reply) = decision.reply {
-            if let Err(error) = frame_reply(self.settings.framing, &reply, &mut self.reply) {
-                return Some(End::Protocol(error));
+            if let Err(reason) = self.tenant.vet_reply(&reply, None) {
+                let reason = format!("{}: {reason}", session.version());
+                return match request.and_then(|request| self.tenant.failure_reply(request)) {
+                    Some(echo) => self.send(echo).await,
+                    None => Some(End::Failed(reason)),
+                };
             }
-            let written = tokio::select! {
-                () = self.hard_stop.cancelled() => return Some(End::Shutdown),
-                written = self.stream.write_all(&self.reply) => written,
-            };
-            if let Err(error) = written {
-                return Some(End::Io(error));
+            if let Some(end) = self.send(&reply).await {
+                return Some(end);
             }
         }
+        self.tenant.record_success();
         match decision.next {
             Next::CarryOn => None,
             Next::CloseConnection => Some(End::PluginClosed),
-            Next::StopListener => {
-                tracing::info!(
-                    listener = "tcp",
-                    plugin = self.tenant.plugin.name(),
+            Next::StopListener if !self.tenant.config.honor_stop => {
+                tracing::warn!(
+                    listener = self.tenant.name(),
                     peer = %self.peer,
-                    "plugin stopped the listener"
+                    "plugin asked to stop the listener; ignored (honor-stop = false)"
                 );
+                None
+            }
+            Next::StopListener => {
+                tracing::info!(listener = self.tenant.name(), peer = %self.peer, "plugin stopped the tcp listener");
                 self.stop.cancel();
                 Some(End::PluginClosed)
             }
         }
+    }
+
+    /// Frames and writes one reply.
+    async fn send(&mut self, reply: &[u8]) -> Option<End> {
+        if let Err(error) = frame_reply(self.tenant.config.framing, reply, &mut self.reply) {
+            return Some(End::Protocol(error));
+        }
+        let written = tokio::select! {
+            () = self.hard_stop.cancelled() => return Some(End::Shutdown),
+            written = self.stream.write_all(&self.reply) => written,
+        };
+        written.err().map(End::Io)
     }
 }

@@ -1,20 +1,27 @@
-//! The UDP listener: one socket, one plugin instance that lives as long as
-//! it behaves, one call per datagram.
+//! The UDP listener: one socket, one session that lives as long as it
+//! behaves, one call per datagram.
 //!
-//! A datagram whose call fails gets no reply; the failure is logged with the
-//! peer, the instance is dropped and the next datagram gets a fresh one.
+//! A datagram whose call fails gets no reply (or, for a tenant that fails
+//! open, its own bytes back); the failure is logged with the peer, the
+//! instance is dropped and a later datagram gets a fresh one, after a
+//! backoff if failures repeat.
 
+use std::fmt::Display;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-use super::Tenant;
-use crate::plugin::{Instance, Next};
+use crate::plugin::Next;
+use crate::tenant::{Session, Tenant};
 
 /// The largest payload a UDP datagram can carry over IPv4.
 pub const MAX_DATAGRAM: usize = 65_507;
+
+/// How often the per-peer rate limiter forgets quiet peers.
+const HOUSEKEEPING: Duration = Duration::from_secs(60);
 
 /// Serves `socket` until the plugin stops the listener or `shutdown` fires.
 pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: CancellationToken) {
@@ -22,10 +29,15 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
     // One buffer for the listener's life: a datagram is handled before the
     // next one is read.
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
-    let mut instance: Option<Instance> = None;
+    let mut session: Option<Session> = None;
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     loop {
         let (len, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
+            _ = housekeeping.tick() => {
+                tenant.forget_quiet_peers();
+                continue;
+            }
             received = socket.recv_from(&mut buf) => match received {
                 Ok(received) => received,
                 Err(error) => {
@@ -36,35 +48,59 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
                 }
             },
         };
-        let Some(next) = handle(&socket, &tenant, &mut instance, peer, &buf[..len]).await else {
+        if !tenant.admit_message(peer.ip()) {
+            tracing::debug!(listener = tenant.name(), %peer, "datagram dropped: rate limit");
             continue;
-        };
-        if next == Next::StopListener {
-            tracing::info!(listener = "udp", plugin = tenant.plugin.name(), %peer, "plugin stopped the listener");
-            break;
+        }
+        if handle(&socket, &tenant, &mut session, peer, &buf[..len]).await
+            == Some(Next::StopListener)
+        {
+            if tenant.config.honor_stop {
+                tracing::info!(listener = tenant.name(), %peer, "plugin stopped the udp listener");
+                break;
+            }
+            tracing::warn!(listener = tenant.name(), %peer, "plugin asked to stop the listener; ignored (honor-stop = false)");
         }
     }
     if let Some(local) = local {
-        tracing::info!("udp listener on {local} stopped");
+        tracing::info!(listener = tenant.name(), "udp listener on {local} stopped");
     }
 }
 
 /// Runs one datagram through the plugin and sends the reply. Returns what
-/// the plugin wants next, or `None` when the call failed.
+/// the plugin wants next, or `None` when the message failed.
 async fn handle(
     socket: &UdpSocket,
     tenant: &Tenant,
-    instance: &mut Option<Instance>,
+    session: &mut Option<Session>,
     peer: SocketAddr,
     data: &[u8],
 ) -> Option<Next> {
-    let plugin = tenant.plugin.name();
-    let live = match instance {
+    let live = match session {
         Some(live) => live,
-        None => match Instance::new(&tenant.plugin, tenant.config.clone(), &tenant.limits).await {
-            Ok(fresh) => instance.insert(fresh),
+        None if !tenant.may_instantiate() => {
+            fail(
+                socket,
+                tenant,
+                peer,
+                data,
+                "plugin is backing off after repeated failures",
+            )
+            .await;
+            return None;
+        }
+        None => match tenant.session().await {
+            Ok(fresh) => session.insert(fresh),
             Err(error) => {
-                tracing::warn!(listener = "udp", plugin, %peer, "datagram dropped: instantiation failed: {error}");
+                tenant.record_failure();
+                fail(
+                    socket,
+                    tenant,
+                    peer,
+                    data,
+                    format!("instantiation failed: {error}"),
+                )
+                .await;
                 return None;
             }
         },
@@ -72,15 +108,51 @@ async fn handle(
     let decision = match live.on_datagram(peer, data).await {
         Ok(decision) => decision,
         Err(error) => {
-            tracing::warn!(listener = "udp", plugin, %peer, "datagram dropped: {error}");
-            *instance = None;
+            let version = live.version();
+            *session = None;
+            tenant.record_failure();
+            fail(socket, tenant, peer, data, format!("{version}: {error}")).await;
             return None;
         }
     };
-    if let Some(reply) = decision.reply
-        && let Err(error) = socket.send_to(&reply, peer).await
-    {
-        tracing::warn!(listener = "udp", plugin, %peer, "reply of {} bytes not sent: {error}", reply.len());
+    tenant.record_success();
+    if let Some(reply) = &decision.reply {
+        if let Err(reason) = tenant.vet_reply(reply, Some(data.len())) {
+            fail(
+                socket,
+                tenant,
+                peer,
+                data,
+                format!("{}: {reason}", live.version()),
+            )
+            .await;
+            return None;
+        }
+        send(socket, tenant, peer, reply).await;
     }
     Some(decision.next)
+}
+
+/// A failed datagram: logged, and answered with its own bytes if the tenant
+/// fails open.
+async fn fail(
+    socket: &UdpSocket,
+    tenant: &Tenant,
+    peer: SocketAddr,
+    data: &[u8],
+    reason: impl Display,
+) {
+    match tenant.failure_reply(data) {
+        Some(echo) => {
+            tracing::warn!(listener = tenant.name(), %peer, "datagram failed, echoed (fail-open): {reason}");
+            send(socket, tenant, peer, echo).await;
+        }
+        None => tracing::warn!(listener = tenant.name(), %peer, "datagram dropped: {reason}"),
+    }
+}
+
+async fn send(socket: &UdpSocket, tenant: &Tenant, peer: SocketAddr, reply: &[u8]) {
+    if let Err(error) = socket.send_to(reply, peer).await {
+        tracing::warn!(listener = tenant.name(), %peer, "reply of {} bytes not sent: {error}", reply.len());
+    }
 }

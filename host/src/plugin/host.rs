@@ -8,15 +8,20 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use tokio::io::AsyncWrite;
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, UpdateDeadline};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{self, Level};
@@ -25,45 +30,55 @@ use super::limits::{DeadlineExceeded, LimitExceeded, Limits};
 /// A plugin's key/value settings, read through `host.get-config`.
 pub type PluginConfig = BTreeMap<String, String>;
 
+/// Everything an instance is given besides its code: who it serves, the
+/// settings it reads, the limits it runs within and its log budget. One per
+/// tenant, shared by all of the tenant's instances.
+#[derive(Debug)]
+pub struct InstanceSettings {
+    /// The tenant (listener) name, for every log line the instance causes.
+    pub tenant: Arc<str>,
+    /// The settings `get-config` answers from.
+    pub config: PluginConfig,
+    /// Bounds of every call.
+    pub limits: Limits,
+    /// How many log lines the tenant's plugin may write.
+    pub log_budget: LogBudget,
+}
+
 /// The data of one store, that is of one plugin instance.
 pub struct HostState {
-    /// The plugin's name, for every log line the instance causes.
+    settings: Arc<InstanceSettings>,
+    /// The plugin's name (it may change with a reload).
     plugin: Arc<str>,
-    /// The settings `get-config` answers from.
-    config: Arc<PluginConfig>,
     /// The peer the current call is about, for log lines.
     pub(super) peer: Option<SocketAddr>,
     /// When the current call began; the epoch callback measures from here.
     pub(super) call_started: Instant,
-    /// How long a call may run.
-    call_timeout: Duration,
-    limits: Limits,
     wasi: WasiCtx,
     table: ResourceTable,
 }
 
 impl HostState {
-    pub(super) fn new(plugin: Arc<str>, config: Arc<PluginConfig>, limits: &Limits) -> Self {
+    pub(super) fn new(settings: Arc<InstanceSettings>, plugin: Arc<str>) -> Self {
+        let output = |stream| GuestOutput {
+            settings: settings.clone(),
+            plugin: plugin.clone(),
+            stream,
+        };
         let wasi = WasiCtx::builder()
-            .stdout(GuestOutput {
-                plugin: plugin.clone(),
-                stream: "stdout",
-            })
-            .stderr(GuestOutput {
-                plugin: plugin.clone(),
-                stream: "stderr",
-            })
+            .stdout(output("stdout"))
+            .stderr(output("stderr"))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
+            .wall_clock(CoarseClock)
+            .monotonic_clock(CoarseClock)
             .build();
         Self {
+            settings,
             plugin,
-            config,
             peer: None,
             call_started: Instant::now(),
-            call_timeout: limits.call_timeout,
-            limits: limits.clone(),
             wasi,
             table: ResourceTable::new(),
         }
@@ -73,8 +88,9 @@ impl HostState {
     /// tick, so one busy plugin never holds a worker thread, and is stopped
     /// once its deadline has passed.
     pub(super) fn on_epoch_tick(&mut self) -> wasmtime::Result<UpdateDeadline> {
-        if self.call_started.elapsed() >= self.call_timeout {
-            Err(wasmtime::Error::new(DeadlineExceeded(self.call_timeout)))
+        let timeout = self.settings.limits.call_timeout;
+        if self.call_started.elapsed() >= timeout {
+            Err(wasmtime::Error::new(DeadlineExceeded(timeout)))
         } else {
             Ok(UpdateDeadline::Yield(1))
         }
@@ -109,30 +125,46 @@ impl bindings::wasm_echo::plugin::types::Host for HostState {}
 
 impl bindings::wasm_echo::plugin::host::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
-        let plugin = &*self.plugin;
+        let settings = &*self.settings;
+        if !settings.log_budget.admit() {
+            return;
+        }
+        let (tenant, plugin) = (&*settings.tenant, &*self.plugin);
         let peer = self.peer.map(|peer| peer.to_string()).unwrap_or_default();
         match level {
-            Level::Trace => tracing::trace!(target: "plugin", plugin, peer, "{message}"),
-            Level::Debug => tracing::debug!(target: "plugin", plugin, peer, "{message}"),
-            Level::Info => tracing::info!(target: "plugin", plugin, peer, "{message}"),
-            Level::Warn => tracing::warn!(target: "plugin", plugin, peer, "{message}"),
-            Level::Error => tracing::error!(target: "plugin", plugin, peer, "{message}"),
+            Level::Trace => tracing::trace!(target: "plugin", tenant, plugin, peer, "{message}"),
+            Level::Debug => tracing::debug!(target: "plugin", tenant, plugin, peer, "{message}"),
+            Level::Info => tracing::info!(target: "plugin", tenant, plugin, peer, "{message}"),
+            Level::Warn => tracing::warn!(target: "plugin", tenant, plugin, peer, "{message}"),
+            Level::Error => tracing::error!(target: "plugin", tenant, plugin, peer, "{message}"),
         }
     }
 
     fn get_config(&mut self, key: String) -> Option<String> {
-        self.config.get(&key).cloned()
+        self.settings.config.get(&key).cloned()
     }
 }
 
 impl ResourceLimiter for HostState {
+    fn instances(&self) -> usize {
+        self.settings.limits.instances
+    }
+
+    fn tables(&self) -> usize {
+        self.settings.limits.instances
+    }
+
+    fn memories(&self) -> usize {
+        self.settings.limits.instances
+    }
+
     fn memory_growing(
         &mut self,
         _current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let limit = self.limits.memory_bytes;
+        let limit = self.settings.limits.memory_bytes;
         if desired > limit {
             return Err(wasmtime::Error::new(LimitExceeded {
                 what: "memory",
@@ -149,7 +181,7 @@ impl ResourceLimiter for HostState {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let limit = self.limits.table_elements;
+        let limit = self.settings.limits.table_elements;
         if desired > limit {
             return Err(wasmtime::Error::new(LimitExceeded {
                 what: "table",
@@ -163,6 +195,7 @@ impl ResourceLimiter for HostState {
 
 /// A guest's stdout or stderr: each line becomes a host log line.
 struct GuestOutput {
+    settings: Arc<InstanceSettings>,
     plugin: Arc<str>,
     stream: &'static str,
 }
@@ -176,6 +209,7 @@ impl IsTerminal for GuestOutput {
 impl StdoutStream for GuestOutput {
     fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
         Box::new(LineLogger {
+            settings: self.settings.clone(),
             plugin: self.plugin.clone(),
             stream: self.stream,
             line: Vec::new(),
@@ -185,6 +219,7 @@ impl StdoutStream for GuestOutput {
 
 /// Collects bytes into lines and logs each one.
 struct LineLogger {
+    settings: Arc<InstanceSettings>,
     plugin: Arc<str>,
     stream: &'static str,
     line: Vec<u8>,
@@ -196,9 +231,12 @@ impl LineLogger {
     const MAX_LINE: usize = 4096;
 
     fn emit(&mut self) {
-        let text = String::from_utf8_lossy(&self.line);
-        let text = text.trim_end_matches(['\n', '\r']);
-        tracing::info!(target: "plugin", plugin = &*self.plugin, stream = self.stream, "{text}");
+        if self.settings.log_budget.admit() {
+            let text = String::from_utf8_lossy(&self.line);
+            let text = text.trim_end_matches(['\n', '\r']);
+            let (tenant, plugin) = (&*self.settings.tenant, &*self.plugin);
+            tracing::info!(target: "plugin", tenant, plugin, stream = self.stream, "{text}");
+        }
         self.line.clear();
     }
 }
@@ -227,5 +265,85 @@ impl AsyncWrite for LineLogger {
             self.emit();
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+/// A tenant's budget of plugin log lines: a token bucket, so a chatty plugin
+/// cannot flood the host's log. Dropped lines are counted and reported once
+/// lines flow again.
+#[derive(Debug)]
+pub struct LogBudget {
+    bucket: DefaultDirectRateLimiter,
+    dropped: AtomicU64,
+    tenant: Arc<str>,
+}
+
+impl LogBudget {
+    /// Allows `per_second` lines a second on average, bursts of twice that.
+    pub fn new(tenant: Arc<str>, per_second: u32) -> Self {
+        let rate = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
+        let bucket = RateLimiter::direct(Quota::per_second(rate).allow_burst(burst));
+        Self {
+            bucket,
+            dropped: AtomicU64::new(0),
+            tenant,
+        }
+    }
+
+    /// Whether one more line may be logged now.
+    fn admit(&self) -> bool {
+        if self.bucket.check().is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(target: "plugin", tenant = &*self.tenant, "{dropped} plugin log lines dropped (log-rate exceeded)");
+        }
+        true
+    }
+
+    /// Lines dropped since the last one that got through.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// The clocks a plugin sees: real time, rounded to the millisecond. A
+/// handler needs no finer time, and a fine clock is what timing side
+/// channels are built from.
+struct CoarseClock;
+
+impl CoarseClock {
+    const RESOLUTION: Duration = Duration::from_millis(1);
+
+    fn round(nanos: u128) -> u64 {
+        let step = Self::RESOLUTION.as_nanos();
+        u64::try_from(nanos / step * step).unwrap_or(u64::MAX)
+    }
+}
+
+impl HostWallClock for CoarseClock {
+    fn resolution(&self) -> Duration {
+        Self::RESOLUTION
+    }
+
+    fn now(&self) -> Duration {
+        let since_epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Duration::from_nanos(Self::round(since_epoch.as_nanos()))
+    }
+}
+
+impl HostMonotonicClock for CoarseClock {
+    fn resolution(&self) -> u64 {
+        Self::round(Self::RESOLUTION.as_nanos())
+    }
+
+    fn now(&self) -> u64 {
+        static START: OnceLock<Instant> = OnceLock::new();
+        Self::round(START.get_or_init(Instant::now).elapsed().as_nanos())
     }
 }

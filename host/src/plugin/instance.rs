@@ -4,14 +4,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use wasmtime::Store;
 
 use super::Plugin;
 use super::bindings::{self, Connection, Decision, Endpoint};
-use super::host::{HostState, PluginConfig};
-use super::limits::{DeadlineExceeded, LimitExceeded, Limits};
+use super::host::{HostState, InstanceSettings};
+use super::limits::{DeadlineExceeded, LimitExceeded};
 use super::runtime::one_line;
 
 /// Why a call into a plugin failed. The message it was handling fails with
@@ -46,30 +47,43 @@ impl From<wasmtime::Error> for CallError {
 }
 
 /// A plugin instance with its own memory, for one TCP connection or one UDP
-/// listener.
+/// listener. It keeps its plugin (version) alive: a version's code is freed
+/// when its last instance is dropped.
 pub struct Instance {
     store: Store<HostState>,
     bindings: bindings::Plugin,
+    plugin: Arc<Plugin>,
 }
 
 impl Instance {
-    /// Instantiates `plugin` in a fresh store, within `limits`.
+    /// Instantiates `plugin` in a fresh store, with `settings`.
     ///
     /// # Errors
     ///
     /// A [`CallError`] if the guest's start-up code traps or breaks a limit.
     pub async fn new(
-        plugin: &Plugin,
-        config: Arc<PluginConfig>,
-        limits: &Limits,
+        plugin: &Arc<Plugin>,
+        settings: Arc<InstanceSettings>,
     ) -> Result<Self, CallError> {
-        let state = HostState::new(plugin.name.clone(), config, limits);
-        let mut store = Store::new(plugin.pre.engine(), state);
+        let mut store = Store::new(
+            plugin.pre.engine(),
+            HostState::new(settings, plugin.name.clone()),
+        );
         store.limiter(HostState::limiter);
         store.epoch_deadline_callback(|mut ctx| ctx.data_mut().on_epoch_tick());
         start_call(&mut store, None);
         let bindings = plugin.pre.instantiate_async(&mut store).await?;
-        Ok(Self { store, bindings })
+        plugin.instances.fetch_add(1, Ordering::Relaxed);
+        Ok(Self {
+            store,
+            bindings,
+            plugin: plugin.clone(),
+        })
+    }
+
+    /// The plugin (version) this instance runs.
+    pub fn plugin(&self) -> &Arc<Plugin> {
+        &self.plugin
     }
 
     /// Hands the plugin one datagram from `peer`.
@@ -126,6 +140,12 @@ impl Instance {
         start_call(&mut self.store, peer);
         let tcp = self.bindings.wasm_echo_plugin_tcp();
         Ok(tcp.call_on_close(&mut self.store).await?)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.plugin.instances.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -14,6 +14,9 @@ pub struct Limits {
     pub memory_bytes: usize,
     /// Elements one table may hold (function pointers, mostly).
     pub table_elements: usize,
+    /// Core instances (and as many tables and memories) one component
+    /// instance may create.
+    pub instances: usize,
 }
 
 impl Limits {
@@ -25,6 +28,9 @@ impl Limits {
     pub const DEFAULT_MEMORY_BYTES: usize = 64 << 20;
     /// The default table cap.
     pub const DEFAULT_TABLE_ELEMENTS: usize = 20_000;
+    /// The default cap on core instances, tables and memories: a Rust or C
+    /// component needs a handful, a JavaScript one a few dozen.
+    pub const DEFAULT_INSTANCES: usize = 100;
 }
 
 impl Default for Limits {
@@ -33,6 +39,7 @@ impl Default for Limits {
             call_timeout: Self::DEFAULT_CALL_TIMEOUT,
             memory_bytes: Self::DEFAULT_MEMORY_BYTES,
             table_elements: Self::DEFAULT_TABLE_ELEMENTS,
+            instances: Self::DEFAULT_INSTANCES,
         }
     }
 }

@@ -14,11 +14,13 @@ mod runtime;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::SystemTime;
 
 use wasmtime::component::Component;
 
 pub use bindings::{Connection, Decision, Endpoint, Framing, Next};
-pub use host::PluginConfig;
+pub use host::{InstanceSettings, LogBudget, PluginConfig};
 pub use instance::{CallError, Instance, endpoint};
 pub use limits::Limits;
 pub use runtime::Runtime;
@@ -37,7 +39,7 @@ pub fn builtin_names() -> impl Iterator<Item = &'static str> {
 const REQUIRED_EXPORTS: &[&str] = &["wasm-echo:plugin/udp@0.1.0", "wasm-echo:plugin/tcp@0.1.0"];
 
 /// Where a plugin comes from: `--plugin NAME|PATH`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum PluginSource {
     /// One of the plugins embedded in the binary.
     Builtin(&'static str),
@@ -178,8 +180,12 @@ pub enum LoadError {
 pub struct Plugin {
     name: Arc<str>,
     source: PluginSource,
+    digest: String,
+    loaded_at: SystemTime,
     component: Component,
     pre: bindings::PluginPre<host::HostState>,
+    /// Live instances of this version; see [`Plugin::instances`].
+    instances: AtomicUsize,
 }
 
 impl Plugin {
@@ -191,6 +197,28 @@ impl Plugin {
     /// Where it was loaded from.
     pub fn source(&self) -> &PluginSource {
         &self.source
+    }
+
+    /// The first 12 hex digits of the SHA-256 of the component's bytes:
+    /// what tells two versions of a plugin apart.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// When this version was loaded.
+    pub fn loaded_at(&self) -> SystemTime {
+        self.loaded_at
+    }
+
+    /// `name@digest`, as logs show a version.
+    pub fn version(&self) -> String {
+        format!("{}@{}", self.name, self.digest)
+    }
+
+    /// How many instances of this version are alive (connections still
+    /// running it, and the UDP listener's instance).
+    pub fn instances(&self) -> usize {
+        self.instances.load(Ordering::Relaxed)
     }
 
     /// The interfaces and functions it imports, as the component names them.

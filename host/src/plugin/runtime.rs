@@ -4,9 +4,11 @@
 //! epoch-ticker thread of the process that drives every call's deadline.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
 
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine};
@@ -100,11 +102,19 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(link_error)?;
         let pre = bindings::PluginPre::new(instance_pre).map_err(link_error)?;
+        let digest = Sha256::digest(&bytes)
+            .iter()
+            .take(6)
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
         Ok(Plugin {
             name: source.name().into(),
             source: source.clone(),
+            digest,
+            loaded_at: SystemTime::now(),
             component,
             pre,
+            instances: AtomicUsize::new(0),
         })
     }
 }

@@ -1,0 +1,535 @@
+//! What a server runs: its listeners (tenants), each with a plugin, its
+//! addresses, its framing and its limits. A configuration comes from the
+//! command line (one listener) or from a TOML file (any number); either way
+//! it is checked whole before anything binds, and every mistake is reported
+//! in one line naming the file, the key and the reason.
+//!
+//! Loading the plugins a configuration names, and binding its addresses,
+//! are the server's business.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::framing::{DEFAULT_MAX_MESSAGE, Framing};
+use crate::plugin::{Limits, PluginConfig, PluginSource};
+
+/// A whole server's configuration.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The listeners, in the order they were given.
+    pub listeners: Vec<ListenerConfig>,
+    /// How long open TCP connections may go on once their listener stops.
+    pub grace: Duration,
+}
+
+/// One tenant: a plugin serving a UDP and/or a TCP address.
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    /// The name logs and errors use.
+    pub name: String,
+    /// The plugin every message goes to.
+    pub plugin: PluginSource,
+    /// The settings the plugin reads with `get-config`.
+    pub plugin_config: PluginConfig,
+    /// Where to receive datagrams, if at all.
+    pub udp: Option<SocketAddr>,
+    /// Where to accept connections, if at all.
+    pub tcp: Option<SocketAddr>,
+    /// How TCP streams are cut into messages.
+    pub framing: Framing,
+    /// The longest framed TCP message a peer may send.
+    pub max_message: usize,
+    /// Bounds of every plugin call and instance.
+    pub limits: Limits,
+    /// Bounds on what the listener's traffic may cost.
+    pub traffic: TrafficLimits,
+    /// Whether the plugin's `stop-listener` is carried out.
+    pub honor_stop: bool,
+    /// What a message gets when its plugin call fails.
+    pub on_failure: FailurePolicy,
+}
+
+/// Bounds on a listener's traffic, so that no peer and no plugin can make a
+/// tenant cost more than its share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrafficLimits {
+    /// The largest reply a plugin may send; a larger one is refused.
+    pub max_reply: usize,
+    /// A UDP reply may be at most this many times the request's size (or
+    /// [`TrafficLimits::UDP_REPLY_ALLOWANCE`], whichever is larger), so the
+    /// server cannot amplify a reflected flood.
+    pub udp_amplification: usize,
+    /// Open TCP connections at once; more are refused at once, not queued.
+    pub max_connections: usize,
+    /// A TCP connection with nothing to read for this long is closed.
+    pub idle_timeout: Duration,
+    /// Messages (datagrams and TCP messages) per second per peer address;
+    /// `None` for no limit.
+    pub rate_limit: Option<RateLimit>,
+    /// Plugin log lines (and stdout/stderr lines) per second; more are
+    /// counted and dropped.
+    pub log_lines_per_second: u32,
+}
+
+/// A token bucket: `per_second` messages on average, `burst` at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Sustained rate.
+    pub per_second: u32,
+    /// Largest burst.
+    pub burst: u32,
+}
+
+impl TrafficLimits {
+    /// Any UDP reply may be this long whatever the request's size: with the
+    /// 28 bytes of IP and UDP headers a request costs, that is no useful
+    /// amplification, and the documents' `Hello, client!` fits.
+    pub const UDP_REPLY_ALLOWANCE: usize = 64;
+
+    /// The longest reply allowed to a datagram of `request_len` bytes.
+    pub fn max_udp_reply(&self, request_len: usize) -> usize {
+        let amplified = request_len.saturating_mul(self.udp_amplification);
+        amplified.max(Self::UDP_REPLY_ALLOWANCE).min(self.max_reply)
+    }
+}
+
+impl Default for TrafficLimits {
+    fn default() -> Self {
+        Self {
+            max_reply: 1 << 20,
+            udp_amplification: 2,
+            max_connections: 10_000,
+            idle_timeout: Duration::from_secs(300),
+            rate_limit: None,
+            log_lines_per_second: 100,
+        }
+    }
+}
+
+/// What a message gets when its plugin call traps, times out or runs out of
+/// memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailurePolicy {
+    /// No reply for a datagram; the TCP connection is closed.
+    #[default]
+    FailClosed,
+    /// The host answers with the request's bytes, like a plain echo server.
+    FailOpen,
+}
+
+/// A configuration mistake, in one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{location}: {reason}")]
+pub struct ConfigError {
+    /// `FILE`, `FILE:LINE` and/or the key.
+    location: String,
+    /// What is wrong.
+    reason: String,
+}
+
+impl ConfigError {
+    /// A mistake about `key` in the file at `path`.
+    pub fn at(path: &Path, key: &str, reason: impl fmt::Display) -> Self {
+        Self {
+            location: format!("{}: {key}", path.display()),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// The file format: `grace`, then `[listeners.NAME]` tables.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    #[serde(default, deserialize_with = "duration")]
+    grace: Option<Duration>,
+    listeners: BTreeMap<String, FileListener>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileListener {
+    plugin: String,
+    udp: Option<SocketAddr>,
+    tcp: Option<SocketAddr>,
+    #[serde(default)]
+    framing: Option<FileFraming>,
+    #[serde(default, deserialize_with = "size")]
+    max_message: Option<usize>,
+    honor_stop: Option<bool>,
+    on_failure: Option<FailurePolicy>,
+    #[serde(default, deserialize_with = "duration")]
+    call_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "size")]
+    memory_limit: Option<usize>,
+    table_elements: Option<usize>,
+    instances: Option<usize>,
+    #[serde(default, deserialize_with = "size")]
+    max_reply: Option<usize>,
+    udp_amplification: Option<usize>,
+    max_connections: Option<usize>,
+    #[serde(default, deserialize_with = "duration")]
+    idle_timeout: Option<Duration>,
+    rate_limit: Option<u32>,
+    rate_burst: Option<u32>,
+    log_rate: Option<u32>,
+    #[serde(default)]
+    plugin_config: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum FileFraming {
+    Raw,
+    Lines,
+    LengthPrefixed,
+}
+
+impl From<FileFraming> for Framing {
+    fn from(framing: FileFraming) -> Self {
+        match framing {
+            FileFraming::Raw => Self::Raw,
+            FileFraming::Lines => Self::Lines,
+            FileFraming::LengthPrefixed => Self::LengthPrefixed,
+        }
+    }
+}
+
+/// The default grace period for open connections.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+
+impl ServerConfig {
+    /// Reads and checks a TOML configuration file. Relative plugin paths
+    /// are relative to the file's folder.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the file, the key and the reason.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+            location: path.display().to_string(),
+            reason: format!("cannot read the configuration: {error}"),
+        })?;
+        let deserializer =
+            toml::Deserializer::parse(&text).map_err(|error| parse_error(path, &text, &error))?;
+        let file: FileConfig = serde_path_to_error::deserialize(deserializer).map_err(|error| {
+            let key = error.path().to_string();
+            let inner = error.into_inner();
+            let line = inner.span().map(|span| line_of(&text, span.start));
+            ConfigError {
+                location: match line {
+                    Some(line) => format!("{}:{line}: {key}", path.display()),
+                    None => format!("{}: {key}", path.display()),
+                },
+                reason: inner.message().trim().to_owned(),
+            }
+        })?;
+        if file.listeners.is_empty() {
+            return Err(ConfigError::at(
+                path,
+                "listeners",
+                "no listeners: add a [listeners.NAME] table",
+            ));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut listeners = Vec::new();
+        for (name, listener) in file.listeners {
+            listeners.push(listener.resolve(path, base, name)?);
+        }
+        let config = Self {
+            listeners,
+            grace: file.grace.unwrap_or(DEFAULT_GRACE),
+        };
+        config.check(path)?;
+        Ok(config)
+    }
+
+    /// Checks what each listener's keys cannot say alone: that no two
+    /// listeners share an address.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming both listeners.
+    pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let mut seen: Vec<(&str, SocketAddr, &str)> = Vec::new();
+        for listener in &self.listeners {
+            let sockets = [("udp", listener.udp), ("tcp", listener.tcp)];
+            for (protocol, addr) in sockets.into_iter().filter_map(|(p, a)| a.map(|a| (p, a))) {
+                if let Some((_, _, other)) = seen
+                    .iter()
+                    .find(|(p, a, _)| *p == protocol && overlaps(*a, addr))
+                {
+                    return Err(ConfigError::at(
+                        path,
+                        &format!("listeners.{}.{protocol}", listener.name),
+                        format!("{protocol} {addr} is also listener `{other}`'s address"),
+                    ));
+                }
+                seen.push((protocol, addr, &listener.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Two addresses collide if they share a port (other than 0, which means
+/// "any free port") and an IP, or one of them is the wildcard.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+impl FileListener {
+    fn resolve(
+        self,
+        path: &Path,
+        base: &Path,
+        name: String,
+    ) -> Result<ListenerConfig, ConfigError> {
+        let key = |field: &str| format!("listeners.{name}.{field}");
+        let plugin = match PluginSource::parse(&self.plugin) {
+            Ok(PluginSource::File(file)) if file.is_relative() => {
+                PluginSource::File(base.join(file))
+            }
+            Ok(source) => source,
+            Err(error) => return Err(ConfigError::at(path, &key("plugin"), error)),
+        };
+        if self.udp.is_none() && self.tcp.is_none() {
+            return Err(ConfigError::at(
+                path,
+                &key("udp"),
+                "a listener needs `udp`, `tcp` or both",
+            ));
+        }
+        let defaults = Limits::default();
+        let traffic = TrafficLimits::default();
+        let check = |field: &str, value: usize, range: std::ops::RangeInclusive<usize>| {
+            if range.contains(&value) {
+                Ok(value)
+            } else {
+                Err(ConfigError::at(
+                    path,
+                    &key(field),
+                    format!(
+                        "{value} is out of range ({} to {})",
+                        range.start(),
+                        range.end()
+                    ),
+                ))
+            }
+        };
+        let check_duration =
+            |field: &str, value: Duration, range: std::ops::RangeInclusive<Duration>| {
+                if range.contains(&value) {
+                    Ok(value)
+                } else {
+                    Err(ConfigError::at(
+                        path,
+                        &key(field),
+                        format!(
+                            "{} is out of range ({} to {})",
+                            humantime::format_duration(value),
+                            humantime::format_duration(*range.start()),
+                            humantime::format_duration(*range.end())
+                        ),
+                    ))
+                }
+            };
+        let limits = Limits {
+            call_timeout: check_duration(
+                "call-timeout",
+                self.call_timeout.unwrap_or(defaults.call_timeout),
+                Duration::from_millis(1)..=Duration::from_secs(60),
+            )?,
+            memory_bytes: check(
+                "memory-limit",
+                self.memory_limit.unwrap_or(defaults.memory_bytes),
+                1 << 20..=4 << 30,
+            )?,
+            table_elements: check(
+                "table-elements",
+                self.table_elements.unwrap_or(defaults.table_elements),
+                1..=10_000_000,
+            )?,
+            instances: check(
+                "instances",
+                self.instances.unwrap_or(defaults.instances),
+                1..=10_000,
+            )?,
+        };
+        let rate_limit = match self.rate_limit {
+            None | Some(0) => None,
+            Some(per_second) => {
+                let per_second = check("rate-limit", per_second as usize, 1..=10_000_000)? as u32;
+                let burst = check(
+                    "rate-burst",
+                    self.rate_burst.unwrap_or(per_second) as usize,
+                    1..=10_000_000,
+                )?;
+                Some(RateLimit {
+                    per_second,
+                    burst: burst as u32,
+                })
+            }
+        };
+        let traffic = TrafficLimits {
+            max_reply: check(
+                "max-reply",
+                self.max_reply.unwrap_or(traffic.max_reply),
+                1..=64 << 20,
+            )?,
+            udp_amplification: check(
+                "udp-amplification",
+                self.udp_amplification.unwrap_or(traffic.udp_amplification),
+                1..=1000,
+            )?,
+            max_connections: check(
+                "max-connections",
+                self.max_connections.unwrap_or(traffic.max_connections),
+                1..=1_000_000,
+            )?,
+            idle_timeout: check_duration(
+                "idle-timeout",
+                self.idle_timeout.unwrap_or(traffic.idle_timeout),
+                Duration::from_millis(10)..=Duration::from_secs(7 * 24 * 3600),
+            )?,
+            rate_limit,
+            log_lines_per_second: check(
+                "log-rate",
+                self.log_rate.unwrap_or(traffic.log_lines_per_second) as usize,
+                1..=1_000_000,
+            )? as u32,
+        };
+        Ok(ListenerConfig {
+            plugin,
+            plugin_config: self.plugin_config,
+            udp: self.udp,
+            tcp: self.tcp,
+            framing: self.framing.map(Framing::from).unwrap_or_default(),
+            max_message: check(
+                "max-message",
+                self.max_message.unwrap_or(DEFAULT_MAX_MESSAGE),
+                1..=64 << 20,
+            )?,
+            limits,
+            traffic,
+            honor_stop: self.honor_stop.unwrap_or(true),
+            on_failure: self.on_failure.unwrap_or_default(),
+            name,
+        })
+    }
+}
+
+/// A TOML syntax error in one line, with its line number.
+fn parse_error(path: &Path, text: &str, error: &toml::de::Error) -> ConfigError {
+    let location = match error.span() {
+        Some(span) => format!("{}:{}", path.display(), line_of(text, span.start)),
+        None => path.display().to_string(),
+    };
+    ConfigError {
+        location,
+        reason: error.message().trim().replace('\n', " "),
+    }
+}
+
+/// The 1-based line of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map_or(1, |before| before.matches('\n').count() + 1)
+}
+
+/// Parses a size: bytes, or a number with KiB, MiB or GiB.
+///
+/// # Errors
+///
+/// A message saying what a size looks like.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("expected a size like 64MiB, got `{text}`"))?;
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        other => return Err(format!("unknown size unit `{other}` (use KiB, MiB or GiB)")),
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("size `{text}` is too large"))
+}
+
+/// A size in the file: a number of bytes, or a string like "64MiB".
+fn size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<usize>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(usize),
+        Text(String),
+    }
+    match Size::deserialize(deserializer)? {
+        Size::Bytes(bytes) => Ok(Some(bytes)),
+        Size::Text(text) => parse_size(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+/// A duration in the file: a string like "100ms" or "5s".
+fn duration<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    humantime::parse_duration(&text).map(Some).map_err(|error| {
+        serde::de::Error::custom(format!("expected a duration like 100ms or 5s: {error}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn wildcard_addresses_overlap_specific_ones() {
+        let any: SocketAddr = "0.0.0.0:7000".parse().expect("addr");
+        let local: SocketAddr = "127.0.0.1:7000".parse().expect("addr");
+        let other: SocketAddr = "127.0.0.2:7000".parse().expect("addr");
+        let ephemeral: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        assert!(overlaps(any, local));
+        assert!(!overlaps(local, other));
+        assert!(!overlaps(ephemeral, ephemeral));
+    }
+
+    #[test]
+    fn udp_replies_are_bounded_by_amplification_with_an_allowance() {
+        let limits = TrafficLimits {
+            udp_amplification: 2,
+            max_reply: 1000,
+            ..TrafficLimits::default()
+        };
+        assert_eq!(limits.max_udp_reply(1), TrafficLimits::UDP_REPLY_ALLOWANCE);
+        assert_eq!(limits.max_udp_reply(100), 200);
+        assert_eq!(limits.max_udp_reply(10_000), 1000);
+    }
+}
