@@ -16,7 +16,7 @@ use std::process::{Command, ExitCode};
 /// Plugins embedded in the `wasm-echo` binary, usable by name.
 const BUILTIN: &[&str] = &["hello", "echo", "counter"];
 /// Plugins that only the tests use.
-const TEST_ONLY: &[&str] = &["trap"];
+const TEST_ONLY: &[&str] = &["trap", "hostile"];
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() -> ExitCode {

@@ -1,7 +1,7 @@
 use std::net::{TcpListener, UdpSocket};
 use std::process::Output;
 
-use crate::common::{plugins, run};
+use crate::common::{plugins, run, scratch_file};
 
 /// Asserts a failure with exactly one line on stderr containing each of
 /// `needles`, and no panic.
@@ -20,14 +20,6 @@ fn assert_one_line_error(output: &Output, needles: &[&str]) {
     for needle in needles {
         assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
     }
-}
-
-fn scratch_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("wasm-echo-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    let path = dir.join(name);
-    std::fs::write(&path, bytes).expect("write scratch file");
-    path
 }
 
 fn serve_with(plugin: &str) -> Output {

@@ -1,5 +1,6 @@
 //! Starting the real server and talking to it.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -34,6 +35,8 @@ pub struct Server {
     child: Child,
     pub udp: Option<SocketAddr>,
     pub tcp: Option<SocketAddr>,
+    /// Every socket by listener name: (udp, tcp).
+    named: HashMap<String, (Option<SocketAddr>, Option<SocketAddr>)>,
     stderr: Arc<Mutex<String>>,
 }
 
@@ -55,6 +58,22 @@ impl Server {
 
     /// Runs `wasm-echo serve ARGS` and waits for its `listening` lines.
     pub fn with_args(args: &[&str]) -> Self {
+        let expected = ["--udp", "--tcp"]
+            .iter()
+            .filter(|flag| args.contains(flag))
+            .count()
+            .max(1);
+        Self::expecting(args, expected)
+    }
+
+    /// Writes `toml` to a scratch file, serves it, and waits for `sockets`
+    /// `listening` lines.
+    pub fn with_config(toml: &str, sockets: usize) -> Self {
+        let path = scratch_file("wasm-echo.toml", toml.as_bytes());
+        Self::expecting(&["--config", path.to_str().expect("utf-8 path")], sockets)
+    }
+
+    fn expecting(args: &[&str], expected: usize) -> Self {
         let mut child = Command::new(BIN)
             .arg("serve")
             .args(args)
@@ -77,11 +96,6 @@ impl Server {
                     .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        let expected = ["--udp", "--tcp"]
-            .iter()
-            .filter(|flag| args.contains(flag))
-            .count()
-            .max(1);
         let (lines, received) = mpsc::channel();
         let out = child.stdout.take().expect("stdout piped");
         thread::spawn(move || {
@@ -96,6 +110,7 @@ impl Server {
             child,
             udp: None,
             tcp: None,
+            named: HashMap::new(),
             stderr,
         };
         let deadline = Instant::now() + PATIENCE;
@@ -118,9 +133,11 @@ impl Server {
                 .expect("address")
                 .parse()
                 .expect("a socket address");
+            let name = words.next().expect("listener name").to_owned();
+            let entry = server.named.entry(name).or_default();
             match protocol {
-                "udp" => server.udp = Some(addr),
-                "tcp" => server.tcp = Some(addr),
+                "udp" => (server.udp, entry.0) = (Some(addr), Some(addr)),
+                "tcp" => (server.tcp, entry.1) = (Some(addr), Some(addr)),
                 other => panic!("unexpected protocol {other}"),
             }
             seen += 1;
@@ -134,6 +151,22 @@ impl Server {
 
     pub fn tcp(&self) -> SocketAddr {
         self.tcp.expect("serving tcp")
+    }
+
+    /// The UDP address of listener `name`.
+    pub fn udp_of(&self, name: &str) -> SocketAddr {
+        self.named
+            .get(name)
+            .and_then(|(udp, _)| *udp)
+            .unwrap_or_else(|| panic!("{name} serves no udp: {:?}", self.named))
+    }
+
+    /// The TCP address of listener `name`.
+    pub fn tcp_of(&self, name: &str) -> SocketAddr {
+        self.named
+            .get(name)
+            .and_then(|(_, tcp)| *tcp)
+            .unwrap_or_else(|| panic!("{name} serves no tcp"))
     }
 
     pub fn pid(&self) -> u32 {
@@ -188,6 +221,25 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Writes a file into this test process's scratch folder.
+pub fn scratch_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let unique = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("wasm-echo-test-{}-{unique}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).expect("write scratch file");
+    path
+}
+
+/// An address on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
 }
 
 /// A UDP socket on 127.0.0.1 connected to `server`.

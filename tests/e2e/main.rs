@@ -5,6 +5,8 @@ mod common;
 
 /// Command-line errors: each bad input gets one clear line.
 mod cli;
+/// Configuration files: every mistake refused before anything binds.
+mod config;
 /// The counter plugin: per-connection and per-peer state.
 mod counter;
 /// The echo plugin: sizes, binary data, long streams, many clients.
@@ -15,3 +17,5 @@ mod faults;
 mod framing;
 /// The documents' exchange, `exit`, their Python clients and shutdown.
 mod hello;
+/// Tenants' limits, and hostile plugins contained next to a good tenant.
+mod tenants;

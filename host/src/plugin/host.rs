@@ -132,11 +132,21 @@ impl bindings::wasm_echo::plugin::host::Host for HostState {
         let (tenant, plugin) = (&*settings.tenant, &*self.plugin);
         let peer = self.peer.map(|peer| peer.to_string()).unwrap_or_default();
         match level {
-            Level::Trace => tracing::trace!(target: "plugin", tenant, plugin, peer, "{message}"),
-            Level::Debug => tracing::debug!(target: "plugin", tenant, plugin, peer, "{message}"),
-            Level::Info => tracing::info!(target: "plugin", tenant, plugin, peer, "{message}"),
-            Level::Warn => tracing::warn!(target: "plugin", tenant, plugin, peer, "{message}"),
-            Level::Error => tracing::error!(target: "plugin", tenant, plugin, peer, "{message}"),
+            Level::Trace => {
+                tracing::trace!(target: "plugin", listener = tenant, plugin, peer, "{message}")
+            }
+            Level::Debug => {
+                tracing::debug!(target: "plugin", listener = tenant, plugin, peer, "{message}")
+            }
+            Level::Info => {
+                tracing::info!(target: "plugin", listener = tenant, plugin, peer, "{message}")
+            }
+            Level::Warn => {
+                tracing::warn!(target: "plugin", listener = tenant, plugin, peer, "{message}")
+            }
+            Level::Error => {
+                tracing::error!(target: "plugin", listener = tenant, plugin, peer, "{message}")
+            }
         }
     }
 
@@ -235,7 +245,7 @@ impl LineLogger {
             let text = String::from_utf8_lossy(&self.line);
             let text = text.trim_end_matches(['\n', '\r']);
             let (tenant, plugin) = (&*self.settings.tenant, &*self.plugin);
-            tracing::info!(target: "plugin", tenant, plugin, stream = self.stream, "{text}");
+            tracing::info!(target: "plugin", listener = tenant, plugin, stream = self.stream, "{text}");
         }
         self.line.clear();
     }
@@ -299,7 +309,7 @@ impl LogBudget {
         }
         let dropped = self.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
-            tracing::warn!(target: "plugin", tenant = &*self.tenant, "{dropped} plugin log lines dropped (log-rate exceeded)");
+            tracing::warn!(target: "plugin", listener = &*self.tenant, "{dropped} plugin log lines dropped (log-rate exceeded)");
         }
         true
     }

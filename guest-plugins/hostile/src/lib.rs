@@ -1,0 +1,132 @@
+//! A test-only plugin that misbehaves on every message, in the way its
+//! `behaviour` setting names, so tests can show one tenant's hostile plugin
+//! harms no one else:
+//!
+//! - `loop`: never returns (the deadline stops it);
+//! - `bloat`: allocates until the memory cap stops it;
+//! - `recurse`: recurses until the wasm stack is exhausted;
+//! - `panic`: panics;
+//! - `huge-reply`: answers with 8 MiB (max-reply refuses it);
+//! - `snoop`: tries to reach files, environment, arguments, sockets and a
+//!   fine clock, and answers with what it got;
+//! - `flood-log`: writes thousands of log lines per message;
+//! - `slow`: busy-waits `slow-ms` milliseconds (default 20), then echoes.
+
+mod bindings {
+    wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
+}
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bindings::exports::wasm_echo::plugin::{tcp, udp};
+use bindings::wasm_echo::plugin::host::{self, Level};
+use bindings::wasm_echo::plugin::types::{Connection, Decision, Endpoint, Next};
+
+struct Hostile;
+
+fn reply(bytes: Vec<u8>) -> Decision {
+    Decision {
+        reply: Some(bytes),
+        next: Next::CarryOn,
+    }
+}
+
+fn misbehave(data: Vec<u8>) -> Decision {
+    let behaviour = host::get_config("behaviour").unwrap_or_default();
+    match behaviour.as_str() {
+        "loop" => loop {
+            std::hint::spin_loop();
+        },
+        "bloat" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1; 1 << 20]);
+            }
+        }
+        "recurse" => reply(vec![recurse(data.len() as u64 + 1) as u8]),
+        "panic" => panic!("hostile plugin panics on purpose"),
+        "huge-reply" => reply(vec![b'!'; 8 << 20]),
+        "snoop" => reply(snoop().into_bytes()),
+        "flood-log" => {
+            for line in 0..5_000 {
+                host::log(Level::Error, &format!("flood line {line}"));
+                println!("flood stdout line {line}");
+            }
+            reply(data)
+        }
+        "slow" => {
+            let millis = host::get_config("slow-ms")
+                .and_then(|ms| ms.parse().ok())
+                .unwrap_or(20);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_millis(millis) {
+                std::hint::spin_loop();
+            }
+            reply(data)
+        }
+        other => panic!("unknown behaviour `{other}`"),
+    }
+}
+
+/// Recursion the optimiser cannot turn into a loop; the depth check is one
+/// the wasm stack never lets it reach.
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    let frame = [depth; 64];
+    std::hint::black_box(&frame);
+    if std::hint::black_box(depth) == u64::MAX {
+        return 0;
+    }
+    recurse(depth + 1).wrapping_add(std::hint::black_box(frame[7]))
+}
+
+/// Everything a plugin should not be able to reach, and what it got.
+fn snoop() -> String {
+    let files = match (std::fs::read_dir("/"), std::fs::read("/etc/passwd")) {
+        (Err(_), Err(_)) => "denied",
+        _ => "READABLE",
+    };
+    let env = std::env::vars().count();
+    let args = std::env::args().count();
+    let tcp = match std::net::TcpStream::connect("127.0.0.1:9") {
+        Err(_) => "denied",
+        Ok(_) => "OPEN",
+    };
+    let udp = match std::net::UdpSocket::bind("127.0.0.1:0") {
+        Err(_) => "denied",
+        Ok(_) => "OPEN",
+    };
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|since| since.subsec_nanos())
+        .unwrap_or(1);
+    let clock = if nanos.is_multiple_of(1_000_000) {
+        "coarse"
+    } else {
+        "FINE"
+    };
+    format!("files={files} env={env} args={args} tcp={tcp} udp={udp} clock={clock}")
+}
+
+impl udp::Guest for Hostile {
+    fn on_datagram(_peer: Endpoint, data: Vec<u8>) -> Decision {
+        misbehave(data)
+    }
+}
+
+impl tcp::Guest for Hostile {
+    fn on_open(_conn: Connection) -> Decision {
+        Decision {
+            reply: None,
+            next: Next::CarryOn,
+        }
+    }
+
+    fn on_message(data: Vec<u8>) -> Decision {
+        misbehave(data)
+    }
+
+    fn on_close() {}
+}
+
+bindings::export!(Hostile with_types_in bindings);

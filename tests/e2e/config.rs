@@ -1,0 +1,202 @@
+use std::io::Write;
+use std::net::{TcpListener, UdpSocket};
+
+use crate::common::{
+    Server, free_port, run, scratch_file, tcp_ask, tcp_client, udp_ask, udp_client,
+};
+
+/// Serves `toml` and expects it refused with one line naming `key` and
+/// `reason`; then checks that the good listener's address was never bound.
+fn assert_refused(toml: &str, key: &str, reason: &str, good: std::net::SocketAddr) {
+    let path = scratch_file("bad.toml", toml.as_bytes());
+    let output = run(&["serve", "--config", path.to_str().expect("utf-8 path")]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "accepted:\n{toml}");
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "one line of error, got:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&path.display().to_string()),
+        "names the file: {stderr}"
+    );
+    assert!(stderr.contains(key), "names {key:?}: {stderr}");
+    assert!(stderr.contains(reason), "says {reason:?}: {stderr}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).is_empty(),
+        "nothing listened"
+    );
+    UdpSocket::bind(good).expect("the good listener's udp address was never bound");
+    TcpListener::bind(good).expect("the good listener's tcp address was never bound");
+}
+
+/// A valid listener, `a-good`, sorted before the broken one.
+fn good(addr: std::net::SocketAddr) -> String {
+    format!("[listeners.a-good]\nplugin = \"echo\"\nudp = \"{addr}\"\ntcp = \"{addr}\"\n\n")
+}
+
+#[test]
+fn an_unknown_key_is_named_with_its_line() {
+    let addr = free_port();
+    let toml = format!(
+        "{}[listeners.b-bad]\nplugin = \"echo\"\nudp = \"127.0.0.1:0\"\nudpp = \"x\"\n",
+        good(addr)
+    );
+    assert_refused(
+        &toml,
+        ":9: listeners.b-bad.udpp",
+        "unknown field `udpp`",
+        addr,
+    );
+}
+
+#[test]
+fn a_bad_address_is_named() {
+    let addr = free_port();
+    let toml = format!(
+        "{}[listeners.b-bad]\nplugin = \"echo\"\nudp = \"localhost\"\n",
+        good(addr)
+    );
+    assert_refused(&toml, "listeners.b-bad.udp", "invalid socket address", addr);
+}
+
+#[test]
+fn two_listeners_on_one_address_are_refused() {
+    let addr = free_port();
+    let wildcard = format!("0.0.0.0:{}", addr.port());
+    let toml = format!(
+        "{}[listeners.b-bad]\nplugin = \"hello\"\ntcp = \"{wildcard}\"\n",
+        good(addr)
+    );
+    assert_refused(
+        &toml,
+        "listeners.b-bad.tcp",
+        "is also listener `a-good`'s address",
+        addr,
+    );
+}
+
+#[test]
+fn a_missing_plugin_is_named() {
+    let addr = free_port();
+    let toml = format!(
+        "{}[listeners.b-bad]\nplugin = \"plugins/missing.wasm\"\nudp = \"127.0.0.1:0\"\n",
+        good(addr)
+    );
+    assert_refused(
+        &toml,
+        "listeners.b-bad.plugin",
+        "missing.wasm: No such file",
+        addr,
+    );
+}
+
+#[test]
+fn a_plugin_for_another_world_is_refused() {
+    let addr = free_port();
+    let empty = scratch_file("empty.wasm", b"\0asm\x0d\0\x01\0");
+    let toml = format!(
+        "{}[listeners.b-bad]\nplugin = \"{}\"\nudp = \"127.0.0.1:0\"\n",
+        good(addr),
+        empty.display()
+    );
+    assert_refused(
+        &toml,
+        "listeners.b-bad.plugin",
+        "does not export `wasm-echo:plugin/udp@0.1.0`",
+        addr,
+    );
+}
+
+#[test]
+fn a_limit_out_of_range_is_refused() {
+    let addr = free_port();
+    for (key, value, reason) in [
+        ("call-timeout", "\"2m\"", "2m is out of range (1ms to 1m)"),
+        ("memory-limit", "\"1KiB\"", "1024 is out of range"),
+        ("udp-amplification", "0", "0 is out of range (1 to 1000)"),
+        ("max-connections", "0", "0 is out of range"),
+        ("memory-limit", "\"lots\"", "expected a size like 64MiB"),
+    ] {
+        let toml = format!(
+            "{}[listeners.b-bad]\nplugin = \"echo\"\nudp = \"127.0.0.1:0\"\n{key} = {value}\n",
+            good(addr)
+        );
+        assert_refused(&toml, &format!("listeners.b-bad.{key}"), reason, addr);
+    }
+}
+
+#[test]
+fn a_listener_needs_an_address_and_a_file_needs_a_listener() {
+    let addr = free_port();
+    let toml = format!("{}[listeners.b-bad]\nplugin = \"echo\"\n", good(addr));
+    assert_refused(
+        &toml,
+        "listeners.b-bad.udp",
+        "needs `udp`, `tcp` or both",
+        addr,
+    );
+    let path = scratch_file("empty.toml", b"grace = \"1s\"\n");
+    let output = run(&["serve", "--config", path.to_str().expect("utf-8 path")]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("missing field `listeners`"), "{stderr}");
+}
+
+#[test]
+fn the_example_configuration_is_valid() {
+    // Serve the shipped example on ephemeral ports: every key it documents
+    // parses and means what it says.
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../wasm-echo.example.toml"
+    ))
+    .expect("the example ships");
+    let toml = example
+        .replace("127.0.0.1:12345", "127.0.0.1:0")
+        .replace("127.0.0.1:12346", "127.0.0.1:0");
+    let server = Server::with_config(&toml, 4);
+    assert_eq!(
+        udp_ask(&udp_client(server.udp_of("greeter")), b"Hello, server!"),
+        b"Hello, client!"
+    );
+    assert_eq!(
+        tcp_ask(&mut tcp_client(server.tcp_of("mirror")), b"line\n", 5),
+        b"line\n"
+    );
+}
+
+#[test]
+fn one_tenants_exit_stops_only_that_tenant() {
+    let toml = "[listeners.alpha]\nplugin = \"hello\"\nudp = \"127.0.0.1:0\"\ntcp = \"127.0.0.1:0\"\n\n\
+                [listeners.beta]\nplugin = \"hello\"\nudp = \"127.0.0.1:0\"\n\
+                plugin-config = { udp-greeting = \"beta here\" }\n";
+    let mut server = Server::with_config(toml, 3);
+    let alpha = udp_client(server.udp_of("alpha"));
+    let beta = udp_client(server.udp_of("beta"));
+    alpha.send(b"exit").expect("send");
+    tcp_client(server.tcp_of("alpha"))
+        .write_all(b"exit")
+        .expect("send exit");
+    server.wait_for_log("tcp listener on");
+    server.wait_for_log("udp listener on");
+    assert_eq!(udp_ask(&beta, b"hi"), b"beta here", "beta is untouched");
+    assert!(server.is_running());
+    beta.send(b"exit").expect("send");
+    assert!(
+        server.wait_exit().success(),
+        "the process ends with its last listener"
+    );
+}
+
+#[test]
+fn honor_stop_false_ignores_exit() {
+    let toml =
+        "[listeners.stubborn]\nplugin = \"hello\"\nudp = \"127.0.0.1:0\"\nhonor-stop = false\n";
+    let server = Server::with_config(toml, 1);
+    let socket = udp_client(server.udp_of("stubborn"));
+    socket.send(b"exit").expect("send");
+    server.wait_for_log("ignored (honor-stop = false)");
+    assert_eq!(udp_ask(&socket, b"still there?"), b"Hello, client!");
+}
