@@ -84,7 +84,13 @@ impl PluginSource {
         }
     }
 
-    fn bytes(&self) -> Result<std::borrow::Cow<'static, [u8]>, LoadError> {
+    /// The component's bytes: the embedded ones for a built-in, the file's
+    /// otherwise (the benchmark reports component sizes from these).
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError::Read`] when the file cannot be read.
+    pub fn bytes(&self) -> Result<std::borrow::Cow<'static, [u8]>, LoadError> {
         match self {
             Self::Builtin(name) => builtin::BUILTIN_PLUGINS
                 .iter()

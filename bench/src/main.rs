@@ -1,0 +1,267 @@
+//! `wasm-echo-bench`: measures what the WebAssembly sandbox costs, side by
+//! side with the baselines, in one run on one machine.
+//!
+//! ```sh
+//! cargo run --release -p wasm-echo-bench -- [--quick] [--polyglot DIR]
+//! ```
+//!
+//! It starts three servers in this process on 127.0.0.1 ephemeral ports
+//! ([`targets`]), drives each with the same workloads from its own load
+//! generator ([`load`]), holds thousands of idle connections against each
+//! one in a child process to weigh them ([`memory`]), times the plugin
+//! itself without sockets ([`plugin`]), and prints Markdown tables with the
+//! absolute figures and the ratios to the baselines ([`report`]). Targets
+//! take turns within each round, so drift on a shared machine hits them
+//! alike.
+
+mod load;
+mod memory;
+mod plugin;
+mod report;
+mod targets;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use wasm_echo::plugin::{PluginSource, Runtime};
+
+use load::Budget;
+use report::{Outcome, Workload};
+use targets::{Addrs, Kind};
+
+/// Benchmarks wasm-echo (echo plugin) against its native-handler path and a
+/// plain tokio echo server, on loopback.
+#[derive(Debug, Parser)]
+#[command(name = "wasm-echo-bench")]
+struct Cli {
+    /// Run a small version (under 30 s): one round, short runs, 2,000 idle
+    /// connections.
+    #[arg(long)]
+    quick: bool,
+    /// Also measure the Python, JavaScript and C echo components in DIR
+    /// (as written by `scripts/build-polyglot.sh DIR`).
+    #[arg(long, value_name = "DIR")]
+    polyglot: Option<PathBuf>,
+    /// Idle connections for the memory workload (default 10,000; 2,000
+    /// with --quick).
+    #[arg(long, value_name = "N")]
+    connections: Option<usize>,
+    #[command(subcommand)]
+    command: Option<Child>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Child {
+    /// Internal: serve one target for the memory workload, in a process of
+    /// its own.
+    #[command(hide = true)]
+    MemoryServer {
+        /// Which server.
+        #[arg(long, value_enum)]
+        kind: Kind,
+        /// Connections it must accept at once.
+        #[arg(long)]
+        connections: usize,
+    },
+}
+
+/// How big a run is.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    rounds: usize,
+    budget: Budget,
+    clients: usize,
+    window: u64,
+    connections: usize,
+    plugin: plugin::Sizes,
+}
+
+impl Plan {
+    fn new(cli: &Cli) -> Self {
+        let (rounds, time, connections, plugin) = if cli.quick {
+            let sizes = plugin::Sizes {
+                instantiations: 300,
+                calls: 5_000,
+                live: 100,
+            };
+            (1, Duration::from_millis(350), 2_000, sizes)
+        } else {
+            let sizes = plugin::Sizes {
+                instantiations: 3_000,
+                calls: 50_000,
+                live: 500,
+            };
+            (3, Duration::from_millis(1_500), 10_000, sizes)
+        };
+        Self {
+            rounds,
+            budget: Budget {
+                count: 2_000_000,
+                time,
+            },
+            clients: 4,
+            window: 16,
+            connections: cli.connections.unwrap_or(connections),
+            plugin,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Child::MemoryServer { kind, connections }) => memory::serve_child(kind, connections),
+        None => run(&cli),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let plan = Plan::new(cli);
+    // Idle connections need a descriptor each, here and in the child (which
+    // inherits the limit).
+    let nofile = rlimit::increase_nofile_limit(u64::MAX)?;
+    anyhow::ensure!(
+        nofile >= plan.connections as u64 + 500,
+        "{} connections need more file descriptors than the limit allows ({nofile}); use --connections",
+        plan.connections
+    );
+    println!(
+        "# wasm-echo-bench{}",
+        if cli.quick { " --quick" } else { "" }
+    );
+    println!();
+    println!(
+        "{} cores; load average at start: {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg()
+    );
+
+    // The servers get a runtime of their own, as they would in their own
+    // process; the load generator gets another.
+    let servers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("server")
+        .enable_all()
+        .build()?;
+    let clients = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("client")
+        .enable_all()
+        .build()?;
+    let wasm = Runtime::new()?;
+    let mut addrs = HashMap::new();
+    for kind in Kind::ALL {
+        let started = servers.block_on(targets::start(kind, &wasm, "echo", 1_000))?;
+        addrs.insert(kind, started);
+    }
+
+    let mut figures = Vec::new();
+    let mut sources = vec![("rust".to_owned(), PluginSource::parse("echo")?)];
+    if let Some(dir) = &cli.polyglot {
+        sources.extend(plugin::polyglot_sources(dir));
+    }
+    for (label, source) in sources {
+        eprintln!("plugin: {label}");
+        let measured = clients.block_on(plugin::measure(&wasm, &label, source, plan.plugin))?;
+        figures.push(measured);
+    }
+    let native_call = plugin::native_call(plan.plugin.calls);
+
+    let workloads = Workload::ALL;
+    let mut outcomes: HashMap<(Workload, Kind), Vec<Outcome>> = HashMap::new();
+    for round in 0..plan.rounds {
+        for workload in workloads {
+            for turn in 0..Kind::ALL.len() {
+                let kind = Kind::ALL[(round + turn) % Kind::ALL.len()];
+                eprintln!("round {}: {workload} against {kind}", round + 1);
+                let outcome = clients.block_on(drive(workload, addrs[&kind], &plan))?;
+                outcomes.entry((workload, kind)).or_default().push(outcome);
+            }
+        }
+    }
+
+    let mut memory = Vec::new();
+    for kind in Kind::ALL {
+        eprintln!(
+            "memory: {} idle connections against {kind}",
+            plan.connections
+        );
+        memory.push((kind, memory::idle_connections(kind, plan.connections)?));
+    }
+
+    report::print(
+        &plan_summary(cli, &plan),
+        &workloads,
+        &outcomes,
+        &memory,
+        &figures,
+        native_call,
+    );
+    println!();
+    println!(
+        "Finished in {:.0} s; load average at the end: {}",
+        started.elapsed().as_secs_f64(),
+        loadavg()
+    );
+    drop(servers);
+    Ok(())
+}
+
+async fn drive(workload: Workload, addrs: Addrs, plan: &Plan) -> anyhow::Result<Outcome> {
+    let budget = plan.budget;
+    Ok(match workload {
+        Workload::UdpPingPong(size) => {
+            Outcome::Latency(load::udp_ping_pong(addrs.udp, size, budget).await?)
+        }
+        Workload::UdpFlood(size) => Outcome::Rate(
+            load::udp_flood(addrs.udp, size, plan.clients, plan.window, budget).await?,
+        ),
+        Workload::TcpPingPong(size) => {
+            Outcome::Latency(load::tcp_ping_pong(addrs.tcp, size, budget).await?)
+        }
+        Workload::TcpStream(chunk) => {
+            Outcome::Rate(load::tcp_stream(addrs.tcp, chunk, plan.clients, budget).await?)
+        }
+        Workload::TcpChurn(size) => {
+            Outcome::Rate(load::tcp_churn(addrs.tcp, size, plan.clients, budget).await?)
+        }
+    })
+}
+
+fn plan_summary(cli: &Cli, plan: &Plan) -> String {
+    format!(
+        "{} round(s) of {} ms per workload and server; {} concurrent clients for throughput and churn, \
+         {} datagrams outstanding per UDP client; 1 client for ping-pong; {} idle connections; {}",
+        plan.rounds,
+        plan.budget.time.as_millis(),
+        plan.clients,
+        plan.window,
+        plan.connections,
+        match &cli.polyglot {
+            Some(dir) => format!("polyglot components from {}", dir.display()),
+            None => "Rust echo component only".to_owned(),
+        }
+    )
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|_| "unknown".to_owned())
+}

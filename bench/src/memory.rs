@@ -1,0 +1,178 @@
+//! Memory per idle connection: a server in a child process of its own (this
+//! same binary, `memory-server`), so that its resident set holds the
+//! server's memory alone and none of the client sockets, and thousands of
+//! connections held open against it, each having exchanged one message.
+//! For wasm-echo every connection then holds a live instance of the
+//! `counter` plugin with its count in the instance's own memory.
+//!
+//! The delta of the child's `VmRSS` (from `/proc/PID/status`) between
+//! before and after, divided by the number of connections, is the figure.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::targets::{self, Kind};
+
+/// The plugin whose instances hold per-connection state.
+pub const STATEFUL_PLUGIN: &str = "counter";
+
+/// What one memory run measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    /// Connections held open.
+    pub connections: usize,
+    /// The server's resident set before they opened, in bytes.
+    pub before: u64,
+    /// And with all of them open.
+    pub after: u64,
+    /// How long opening them (connect plus one exchange each) took.
+    pub open_time: Duration,
+}
+
+impl Memory {
+    /// Resident bytes per connection.
+    pub fn per_connection(&self) -> f64 {
+        self.after.saturating_sub(self.before) as f64 / self.connections.max(1) as f64
+    }
+}
+
+/// The child's side: serves `kind` on loopback, prints its TCP address, and
+/// exits when its standard input closes (so it never outlives the bench).
+///
+/// # Errors
+///
+/// A server that does not start.
+pub fn serve_child(kind: Kind, connections: usize) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let wasm = wasm_echo::plugin::Runtime::new()?;
+        let addrs = targets::start(kind, &wasm, STATEFUL_PLUGIN, connections).await?;
+        println!("listening {}", addrs.tcp);
+        std::io::stdout().flush()?;
+        tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+        })
+        .await?;
+        anyhow::Ok(())
+    })
+}
+
+/// Kills the child when dropped, whatever happened in between.
+struct ChildServer(Child);
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        if self.0.wait_timeout_ms(2000).is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+trait WaitTimeout {
+    fn wait_timeout_ms(&mut self, ms: u64) -> Option<std::process::ExitStatus>;
+}
+
+impl WaitTimeout for Child {
+    fn wait_timeout_ms(&mut self, ms: u64) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + Duration::from_millis(ms);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+/// Starts `kind` as a child, holds `connections` connections open against
+/// it and measures its resident set.
+///
+/// # Errors
+///
+/// A child that does not start, or connections that fail.
+pub fn idle_connections(kind: Kind, connections: usize) -> anyhow::Result<Memory> {
+    let exe = std::env::current_exe().context("finding the bench binary")?;
+    let kind_arg = match kind {
+        Kind::Wasm => "wasm",
+        Kind::Native => "native",
+        Kind::Tokio => "tokio",
+    };
+    let child = Command::new(exe)
+        .args(["memory-server", "--kind", kind_arg, "--connections"])
+        .arg((connections + 1000).to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the memory-server child")?;
+    let mut child = ChildServer(child);
+    let pid = child.0.id();
+    let stdout = child.0.stdout.take().context("child stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("listening ")
+        .with_context(|| format!("the child said {line:?}"))?
+        .parse()?;
+
+    // Warm up: the first connections fault in code, allocator arenas and
+    // the runtime's structures, which are not per-connection costs.
+    for _ in 0..200 {
+        drop(exchange(addr)?);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = rss(pid)?;
+    let start = Instant::now();
+    let mut open = Vec::with_capacity(connections);
+    for i in 0..connections {
+        open.push(exchange(addr).with_context(|| format!("connection {i}"))?);
+    }
+    let open_time = start.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = rss(pid)?;
+    drop(open);
+    Ok(Memory {
+        connections,
+        before,
+        after,
+        open_time,
+    })
+}
+
+/// Opens a connection and exchanges one message on it.
+fn exchange(addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"x")?;
+    let mut reply = [0u8; 32];
+    let n = stream.read(&mut reply)?;
+    anyhow::ensure!(n > 0, "the server closed the connection");
+    Ok(stream)
+}
+
+/// `VmRSS` of process `pid`, in bytes.
+///
+/// # Errors
+///
+/// No such process, or a kernel without `/proc`.
+pub fn rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.split_whitespace().next())
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .context("no VmRSS in /proc/PID/status")?;
+    Ok(kib * 1024)
+}

@@ -1,0 +1,177 @@
+//! The plugin itself, without sockets: how big a component is, how long it
+//! takes to compile, to instantiate and to call, and how much memory a live
+//! instance holds. Measured for the built-in Rust `echo` always, and for the
+//! Python, JavaScript and C echo components when `--polyglot DIR` names
+//! where `scripts/build-polyglot.sh` put them.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasm_echo::plugin::{
+    Instance, InstanceSettings, Limits, LogBudget, Plugin, PluginSource, Runtime,
+};
+use wasm_echo::tenant::{NativeEcho, NativeHandler};
+
+use crate::load::quantile;
+
+/// How much work each measurement does.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    /// Instances made (and dropped) one after another.
+    pub instantiations: usize,
+    /// Calls into one instance.
+    pub calls: usize,
+    /// Instances kept alive at once for the memory figure.
+    pub live: usize,
+}
+
+/// One component's figures.
+#[derive(Debug)]
+pub struct Figures {
+    /// What it is (`rust`, `python`, ...).
+    pub label: String,
+    /// Component size in bytes.
+    pub size: usize,
+    /// Compile and pre-link (`Runtime::load`).
+    pub compile: Duration,
+    /// Median and p99 of one instantiation, in nanoseconds.
+    pub instantiate: (u64, u64),
+    /// Median and p99 of one 64-byte `on-datagram` call, in nanoseconds.
+    pub call: (u64, u64),
+    /// Resident bytes per live instance that has handled one call.
+    pub memory: f64,
+}
+
+/// The polyglot components the build script writes, by language.
+pub const POLYGLOT: [(&str, &str); 3] = [
+    ("python", "echo-python.wasm"),
+    ("js", "echo-js.wasm"),
+    ("c", "echo-c.wasm"),
+];
+
+fn settings() -> Arc<InstanceSettings> {
+    let tenant: Arc<str> = "bench".into();
+    Arc::new(InstanceSettings {
+        log_budget: LogBudget::new(tenant.clone(), 100),
+        tenant,
+        config: Default::default(),
+        limits: Limits::default(),
+    })
+}
+
+/// Measures the component at `source`.
+///
+/// # Errors
+///
+/// A component that does not load, instantiate or answer.
+pub async fn measure(
+    runtime: &Runtime,
+    label: &str,
+    source: PluginSource,
+    sizes: Sizes,
+) -> anyhow::Result<Figures> {
+    let size = source.bytes()?.len();
+    let start = Instant::now();
+    let plugin = Arc::new(runtime.load(&source)?);
+    let compile = start.elapsed();
+    let settings = settings();
+    let peer: SocketAddr = ([127, 0, 0, 1], 40_000).into();
+    let data = [b'p'; 64];
+
+    // The first instances pay for faulting in code and the allocator's
+    // structures; they are not what a connection costs.
+    for _ in 0..sizes.instantiations.min(20) {
+        drop(Instance::new(&plugin, settings.clone()).await?);
+    }
+    let mut times = Vec::with_capacity(sizes.instantiations);
+    for _ in 0..sizes.instantiations {
+        let start = Instant::now();
+        let instance = Instance::new(&plugin, settings.clone()).await?;
+        times.push(nanos(start.elapsed()));
+        drop(instance);
+    }
+    let instantiate = median_p99(&mut times);
+
+    let mut instance = Instance::new(&plugin, settings.clone()).await?;
+    let mut times = Vec::with_capacity(sizes.calls);
+    for i in 0..sizes.calls + 100 {
+        let start = Instant::now();
+        let decision = instance.on_datagram(peer, &data).await?;
+        if i >= 100 {
+            times.push(nanos(start.elapsed()));
+        }
+        anyhow::ensure!(
+            decision.reply.as_deref() == Some(&data[..]),
+            "{label} did not echo"
+        );
+    }
+    drop(instance);
+    let call = median_p99(&mut times);
+
+    let memory = live_memory(&plugin, &settings, sizes.live, peer).await?;
+    Ok(Figures {
+        label: label.to_owned(),
+        size,
+        compile,
+        instantiate,
+        call,
+        memory,
+    })
+}
+
+/// Resident bytes per instance with `live` instances alive at once, each
+/// having handled one datagram.
+async fn live_memory(
+    plugin: &Arc<Plugin>,
+    settings: &Arc<InstanceSettings>,
+    live: usize,
+    peer: SocketAddr,
+) -> anyhow::Result<f64> {
+    let pid = std::process::id();
+    let before = crate::memory::rss(pid)?;
+    let mut instances = Vec::with_capacity(live);
+    for _ in 0..live {
+        let mut instance = Instance::new(plugin, settings.clone()).await?;
+        instance.on_datagram(peer, b"hello").await?;
+        instances.push(instance);
+    }
+    let after = crate::memory::rss(pid)?;
+    drop(instances);
+    Ok(after.saturating_sub(before) as f64 / live.max(1) as f64)
+}
+
+/// The same call answered by native code, for scale.
+pub fn native_call(calls: usize) -> (u64, u64) {
+    let peer: SocketAddr = ([127, 0, 0, 1], 40_000).into();
+    let data = [b'p'; 64];
+    let mut times = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let start = Instant::now();
+        let decision = NativeEcho.on_datagram(peer, std::hint::black_box(&data));
+        std::hint::black_box(decision);
+        times.push(nanos(start.elapsed()));
+    }
+    median_p99(&mut times)
+}
+
+/// The polyglot components found in `dir`, with their labels.
+pub fn polyglot_sources(dir: &Path) -> Vec<(String, PluginSource)> {
+    POLYGLOT
+        .iter()
+        .map(|(label, file)| ((*label).to_owned(), PluginSource::File(dir.join(file))))
+        .collect()
+}
+
+fn median_p99(times: &mut [u64]) -> (u64, u64) {
+    times.sort_unstable();
+    (
+        quantile(times, 0.5).unwrap_or(0),
+        quantile(times, 0.99).unwrap_or(0),
+    )
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}

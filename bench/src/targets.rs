@@ -1,0 +1,158 @@
+//! The three servers every workload runs against, side by side: wasm-echo
+//! with a plugin (the product), wasm-echo's own I/O path with native code in
+//! place of the plugin (what the sandbox costs), and the plain tokio echo
+//! server anyone would write (the bar to beat).
+//!
+//! Driving them is the load generator's business; this module only starts
+//! them on 127.0.0.1 with ephemeral ports.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use wasm_echo::config::{FailurePolicy, ListenerConfig, ServerConfig, TrafficLimits};
+use wasm_echo::framing::{DEFAULT_MAX_MESSAGE, Framing};
+use wasm_echo::plugin::{Limits, PluginSource, Runtime};
+use wasm_echo::server::Server;
+use wasm_echo::tenant::NativeEcho;
+
+/// Which server a measurement ran against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Kind {
+    /// wasm-echo with a plugin.
+    Wasm,
+    /// wasm-echo's I/O path with [`NativeEcho`].
+    Native,
+    /// The plain tokio echo server below.
+    Tokio,
+}
+
+impl Kind {
+    /// Every kind, in the table's column order.
+    pub const ALL: [Self; 3] = [Self::Wasm, Self::Native, Self::Tokio];
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Wasm => "wasm-echo",
+            Self::Native => "native handler",
+            Self::Tokio => "plain tokio",
+        })
+    }
+}
+
+/// Where a started server listens.
+#[derive(Clone, Copy, Debug)]
+pub struct Addrs {
+    /// Its UDP socket.
+    pub udp: SocketAddr,
+    /// Its TCP listener.
+    pub tcp: SocketAddr,
+}
+
+/// The listener configuration the benchmark gives wasm-echo: both
+/// protocols on ephemeral loopback ports, raw framing, default limits
+/// (deadline and memory cap on), and room for the memory workload's
+/// connections.
+pub fn listener_config(plugin: &str, connections: usize) -> anyhow::Result<ServerConfig> {
+    let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let listener = ListenerConfig {
+        name: "bench".to_owned(),
+        plugin: PluginSource::parse(plugin)?,
+        plugin_config: Default::default(),
+        udp: Some(loopback),
+        tcp: Some(loopback),
+        framing: Framing::Raw,
+        max_message: DEFAULT_MAX_MESSAGE,
+        limits: Limits::default(),
+        traffic: TrafficLimits {
+            max_connections: connections,
+            ..TrafficLimits::default()
+        },
+        honor_stop: false,
+        on_failure: FailurePolicy::default(),
+    };
+    Ok(ServerConfig {
+        listeners: vec![listener],
+        grace: Duration::from_millis(100),
+    })
+}
+
+/// Starts `kind` on the current tokio runtime and returns its addresses.
+/// The server runs until the runtime is dropped.
+pub async fn start(
+    kind: Kind,
+    runtime: &Runtime,
+    plugin: &str,
+    connections: usize,
+) -> anyhow::Result<Addrs> {
+    match kind {
+        Kind::Wasm | Kind::Native => {
+            let config = listener_config(plugin, connections)?;
+            let server = if kind == Kind::Wasm {
+                Server::bind(runtime, config, None).await?
+            } else {
+                Server::bind_native(config, Arc::new(NativeEcho)).await?
+            };
+            let addrs = addrs_of(&server)?;
+            tokio::spawn(server.run());
+            Ok(addrs)
+        }
+        Kind::Tokio => plain_tokio().await,
+    }
+}
+
+fn addrs_of(server: &Server) -> anyhow::Result<Addrs> {
+    let find = |protocol: &str| {
+        server
+            .local_addrs()
+            .into_iter()
+            .find(|(_, p, _)| *p == protocol)
+            .map(|(_, _, addr)| addr)
+            .with_context(|| format!("the server bound no {protocol} socket"))
+    };
+    Ok(Addrs {
+        udp: find("udp")?,
+        tcp: find("tcp")?,
+    })
+}
+
+/// The plain tokio echo server: what a user would write instead of
+/// wasm-echo. Its buffers are as large as wasm-echo's (16 KiB per TCP read,
+/// a whole datagram for UDP) and it sets TCP_NODELAY as wasm-echo does, so
+/// the comparison is about the work done per message, not about settings.
+pub async fn plain_tokio() -> anyhow::Result<Addrs> {
+    let tcp = TcpListener::bind("127.0.0.1:0").await?;
+    let udp = UdpSocket::bind("127.0.0.1:0").await?;
+    let addrs = Addrs {
+        udp: udp.local_addr()?,
+        tcp: tcp.local_addr()?,
+    };
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = tcp.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    if stream.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            if let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+                let _ = udp.send_to(&buf[..n], peer).await;
+            }
+        }
+    });
+    Ok(addrs)
+}
