@@ -21,7 +21,7 @@ use crate::targets::{self, Kind};
 pub const STATEFUL_PLUGIN: &str = "counter";
 
 /// What one memory run measured.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Memory {
     /// Connections held open.
     pub connections: usize,
@@ -31,6 +31,8 @@ pub struct Memory {
     pub after: u64,
     /// How long opening them (connect plus one exchange each) took.
     pub open_time: Duration,
+    /// Why opening stopped short of the number asked for, if it did.
+    pub failure: Option<String>,
 }
 
 impl Memory {
@@ -135,18 +137,29 @@ pub fn idle_connections(kind: Kind, connections: usize) -> anyhow::Result<Memory
     let before = rss(pid)?;
     let start = Instant::now();
     let mut open = Vec::with_capacity(connections);
+    let mut failure = None;
     for i in 0..connections {
-        open.push(exchange(addr).with_context(|| format!("connection {i}"))?);
+        match exchange(addr) {
+            Ok(stream) => open.push(stream),
+            // A server that runs out of something is a result to report,
+            // measured with the connections it did take.
+            Err(error) => {
+                failure = Some(format!("connection {} failed: {error:#}", i + 1));
+                break;
+            }
+        }
     }
     let open_time = start.elapsed();
     std::thread::sleep(Duration::from_millis(300));
     let after = rss(pid)?;
+    let connections = open.len();
     drop(open);
     Ok(Memory {
         connections,
         before,
         after,
         open_time,
+        failure,
     })
 }
 

@@ -255,6 +255,12 @@ pub fn print(
             ratio_to(Kind::Tokio),
         );
     }
+    for (kind, m) in memory {
+        if let Some(failure) = &m.failure {
+            println!();
+            println!("{kind} stopped taking connections: {failure}");
+        }
+    }
 
     println!();
     println!("## The echo plugin itself (no sockets)");
