@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: formatting, lints (host and guest plugins),
-# unit tests and the end-to-end tests against the real binary.
+# unit tests and the end-to-end tests against the real binary, with the
+# plugins in every language.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,4 +10,8 @@ cargo fmt --all --check
 (cd guest-plugins && cargo fmt --all --check)
 cargo clippy --release --all-targets -- -D warnings
 (cd guest-plugins && cargo clippy --release --target-dir ../target/guest-plugins -- -D warnings)
-cargo test --release
+# The Python, JavaScript and C plugins: the end-to-end tests run against
+# them too (tests/e2e/polyglot.rs) and build `wasm-echo new` projects with
+# the same toolchains (tests/e2e/scaffold.rs).
+scripts/build-polyglot.sh target/polyglot/out
+WASM_ECHO_POLYGLOT_DIR=$PWD/target/polyglot/out cargo test --release

@@ -19,8 +19,10 @@ pub mod plugins {
 pub const BIN: &str = env!("CARGO_BIN_EXE_wasm-echo");
 
 /// How long a test waits for anything before it fails: generous, since the
-/// machine is shared; nothing is timed against it.
-pub const PATIENCE: Duration = Duration::from_secs(20);
+/// machine is shared; nothing is timed against it. Python and JavaScript
+/// components take seconds to compile when a server starts, far more when
+/// tests compile several at once on two cores.
+pub const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Runs `wasm-echo ARGS` to completion.
 pub fn run(args: &[&str]) -> Output {

@@ -17,5 +17,7 @@ mod faults;
 mod framing;
 /// The documents' exchange, `exit`, their Python clients and shutdown.
 mod hello;
+/// The hello and echo plugins in Python, JavaScript and C, held to the Rust ones' behaviour.
+mod polyglot;
 /// Tenants' limits, and hostile plugins contained next to a good tenant.
 mod tenants;

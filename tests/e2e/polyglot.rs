@@ -1,0 +1,131 @@
+//! The `hello` and `echo` plugins written in Python, JavaScript and C
+//! (guest-plugins/{python,js,c}) against the same contract as the Rust
+//! ones, held to the same behaviour: a contract change that breaks one
+//! language fails here.
+//!
+//! They are built by scripts/build-polyglot.sh (scripts/test.sh runs it),
+//! not by host/build.rs, since their toolchains are not Rust's; the folder
+//! it wrote comes in `WASM_ECHO_POLYGLOT_DIR`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::common::{Server, tcp_ask, tcp_client, tcp_read_to_end, udp_ask, udp_client};
+
+/// The variable naming the folder scripts/build-polyglot.sh wrote.
+pub const DIR_VARIABLE: &str = "WASM_ECHO_POLYGLOT_DIR";
+
+/// The folder of the polyglot plugins, or `None` (after a notice on
+/// stderr) when `WASM_ECHO_POLYGLOT_DIR` is not set and this is not CI, so
+/// that a plain `cargo test` still runs everything else.
+///
+/// # Panics
+///
+/// When the variable is missing in CI (`CI` set): there, every language is
+/// tested, never silently skipped.
+pub fn built_dir(test: &str) -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os(DIR_VARIABLE) {
+        return Some(PathBuf::from(dir));
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{DIR_VARIABLE} is not set: CI must build the Python, JavaScript and C plugins \
+         (scripts/build-polyglot.sh target/polyglot/out) and pass that folder in it; \
+         scripts/test.sh does both"
+    );
+    eprintln!(
+        "notice: {test} skipped: {DIR_VARIABLE} is not set. Build the Python, JavaScript \
+         and C plugins with `scripts/build-polyglot.sh target/polyglot/out` and run \
+         `{DIR_VARIABLE}=$PWD/target/polyglot/out cargo test --release`, or run scripts/test.sh"
+    );
+    None
+}
+
+/// The path of `PLUGIN-LANG.wasm` in `dir`, as a `--plugin` argument.
+fn component(dir: &Path, plugin: &str, lang: &str) -> String {
+    let path = dir.join(format!("{plugin}-{lang}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: did scripts/build-polyglot.sh {} finish?",
+        path.display(),
+        dir.display()
+    );
+    path.to_str().expect("a UTF-8 path").to_owned()
+}
+
+/// The documents' exchange over UDP and TCP, then `exit` on each: the UDP
+/// listener stops alone, then the TCP one, and the process exits 0.
+fn hello(lang: &str) {
+    let Some(dir) = built_dir(&format!("polyglot::{lang}::hello")) else {
+        return;
+    };
+    let mut server = Server::start(&component(&dir, "hello", lang), &[]);
+    let socket = udp_client(server.udp());
+    assert_eq!(udp_ask(&socket, b"Hello, server!"), b"Hello, client!");
+    // Bytes that are not UTF-8 are greeted like any others.
+    assert_eq!(udp_ask(&socket, b"\xff\xfe\x00hi"), b"Hello, client!");
+    let mut stream = tcp_client(server.tcp());
+    assert_eq!(
+        tcp_ask(&mut stream, b"hello, server", 18),
+        b"hello, tcp client!"
+    );
+
+    socket.send(b"exit").expect("send exit");
+    server.wait_for_log(&format!("udp listener on {} stopped", server.udp()));
+    // TCP is a listener of its own and still serves.
+    assert_eq!(
+        tcp_ask(&mut stream, b"still there?", 18),
+        b"hello, tcp client!"
+    );
+    // Any case, surrounding whitespace ignored, as in the Rust plugin.
+    stream.write_all(b" EXIT\r\n").expect("send exit");
+    assert!(
+        tcp_read_to_end(&mut stream).is_empty(),
+        "exit gets no reply"
+    );
+    let status = server.wait_exit();
+    assert!(
+        status.success(),
+        "exit status {status:?}; stderr:\n{}",
+        server.stderr()
+    );
+}
+
+/// Binary bytes, every value and none of it UTF-8, come back unchanged
+/// over UDP and TCP.
+fn echo(lang: &str) {
+    let Some(dir) = built_dir(&format!("polyglot::{lang}::echo")) else {
+        return;
+    };
+    let server = Server::start(&component(&dir, "echo", lang), &[]);
+    let every_byte: Vec<u8> = (0..=255).rev().collect();
+    let socket = udp_client(server.udp());
+    assert_eq!(udp_ask(&socket, &every_byte), every_byte);
+    assert_eq!(udp_ask(&socket, b""), b"", "an empty datagram");
+    let big: Vec<u8> = (0..60_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    assert_eq!(udp_ask(&socket, &big), big);
+
+    let mut stream = tcp_client(server.tcp());
+    assert_eq!(tcp_ask(&mut stream, &every_byte, 256), every_byte);
+    // Raw framing may cut this into several calls; the echoes add up.
+    assert_eq!(tcp_ask(&mut stream, &big, big.len()), big);
+}
+
+/// One module per language, each with the same tests.
+macro_rules! languages {
+    ($($lang:ident),* $(,)?) => {$(
+        mod $lang {
+            #[test]
+            fn hello_answers_like_the_documents_and_exit_stops_each_listener() {
+                super::hello(stringify!($lang));
+            }
+
+            #[test]
+            fn echo_returns_binary_bytes_unchanged() {
+                super::echo(stringify!($lang));
+            }
+        }
+    )*};
+}
+
+languages!(python, js, c);
