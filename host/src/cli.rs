@@ -37,6 +37,9 @@ enum Command {
     /// Check that a plugin loads and fits the wasm-echo:plugin world; print
     /// what it imports and exports.
     Check(CheckArgs),
+    /// Create a plugin project in Rust, Python, JavaScript or C that builds
+    /// (with its build.sh) and passes `check` as it is.
+    New(NewArgs),
 }
 
 #[derive(Debug, Args)]
@@ -152,6 +155,20 @@ struct CheckArgs {
     plugin: String,
 }
 
+#[derive(Debug, Args)]
+struct NewArgs {
+    /// The plugin's language.
+    #[arg(long, value_enum)]
+    lang: crate::scaffold::Language,
+    /// The plugin's name: lowercase letters, digits, `-` and `_`; it names
+    /// the project and the .wasm it builds.
+    name: String,
+    /// Where to create the project [default: ./NAME]; it must not exist or
+    /// be empty.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
 /// Runs the parsed command and returns the process's exit code.
 ///
 /// # Errors
@@ -167,6 +184,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Serve(args) => serve(args).await,
             Command::Client(args) => client(args).await,
             Command::Check(args) => check(args).await,
+            Command::New(args) => crate::scaffold::run(args.lang, &args.name, args.dir.as_deref()),
         }
     })
 }

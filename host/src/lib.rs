@@ -15,5 +15,6 @@ pub mod config;
 pub mod framing;
 pub mod listener;
 pub mod plugin;
+pub mod scaffold;
 pub mod server;
 pub mod tenant;
