@@ -195,7 +195,8 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         Some(path) => (ServerConfig::from_file(&path)?, Some(path)),
         None => (args.into_config()?, None),
     };
-    let wasm = Runtime::new()?;
+    // The instance pool is sized once, for every listener's limits.
+    let wasm = Runtime::for_config(&config)?;
     let server = Server::bind(&wasm, config, origin).await?;
     // Scripts and tests read these lines to learn the real ports.
     for (name, protocol, addr) in server.local_addrs() {

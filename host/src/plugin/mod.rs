@@ -23,7 +23,7 @@ pub use bindings::{Connection, Decision, Endpoint, Framing, Next};
 pub use host::{InstanceSettings, LogBudget, PluginConfig};
 pub use instance::{CallError, Instance, endpoint};
 pub use limits::Limits;
-pub use runtime::Runtime;
+pub use runtime::{PoolSize, Runtime};
 
 /// The plugins compiled into this binary, by name.
 mod builtin {

@@ -1,7 +1,17 @@
 //! The runtime owns what every plugin shares: the wasmtime `Engine` (its
-//! configuration decides how code is compiled and how calls are
-//! interrupted), the `Linker` holding the host's capabilities, and the one
-//! epoch-ticker thread of the process that drives every call's deadline.
+//! configuration decides how code is compiled, where instances live and how
+//! calls are interrupted), the `Linker` holding the host's capabilities, and
+//! the one epoch-ticker thread of the process that drives every call's
+//! deadline.
+//!
+//! Instances come from wasmtime's pooling allocator: the address space for
+//! every instance's memory, tables, metadata and async stack is reserved
+//! once, at start-up, sized by [`PoolSize`], and a new connection's instance
+//! takes a free slot (copy-on-write from the component's memory image)
+//! instead of mapping and unmapping its own regions. That is what makes an
+//! instance per connection cheap, and what keeps 10,000 of them within the
+//! kernel's limit on mappings. Each instance still has its own slot: nothing
+//! is shared between connections or tenants.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -11,14 +21,90 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest, Sha256};
 
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::config::ServerConfig;
 
 use super::host::{self, HostState};
-use super::{LoadError, Plugin, PluginSource, REQUIRED_EXPORTS, bindings};
+use super::{Limits, LoadError, Plugin, PluginSource, REQUIRED_EXPORTS, bindings};
 
 /// How often the epoch advances: the granularity of deadlines, and how
 /// often a long-running call yields its thread to other work.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// The size of a WebAssembly page.
+const WASM_PAGE: usize = 64 << 10;
+
+/// How many instances the pool holds at once, and how large each one's
+/// memory and tables may grow. A tenant's own limits (the `ResourceLimiter`)
+/// still apply within a slot; the slot only has to be large enough for the
+/// largest of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolSize {
+    /// Component instances alive at once: one per open TCP connection and
+    /// one per UDP listener. Past this, new connections are refused with an
+    /// instantiation error until some close.
+    pub instances: u32,
+    /// The largest linear memory any instance may grow to, in bytes.
+    pub memory_bytes: usize,
+    /// The most elements any table may hold.
+    pub table_elements: usize,
+}
+
+impl PoolSize {
+    /// Core instances (a component's modules) per component instance, on
+    /// average: a Rust or C component needs a few, a Python or JavaScript
+    /// one a few dozen, so a pool full of those holds fewer connections.
+    const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
+    /// Linear memories per component instance, on average.
+    const MEMORIES_PER_COMPONENT: u32 = 2;
+    /// Tables per component instance, on average.
+    const TABLES_PER_COMPONENT: u32 = 4;
+    /// The most instances any configuration gets a pool for: beyond this
+    /// the reserved address space (about 100 MiB per instance with the
+    /// default memory limit) stops being small next to the machine's.
+    pub const MAX_INSTANCES: u32 = 200_000;
+
+    /// A pool for `config`: every listener's `max-connections` plus its UDP
+    /// instance, and a spare slot for each connection that fails open (its
+    /// fresh instance is made before the failed one is dropped), with the
+    /// largest memory and table limits any listener sets.
+    pub fn for_config(config: &ServerConfig) -> Self {
+        let mut instances = 0usize;
+        let mut memory_bytes = 0;
+        let mut table_elements = 0;
+        for listener in &config.listeners {
+            instances += listener.traffic.max_connections + usize::from(listener.udp.is_some());
+            memory_bytes = memory_bytes.max(listener.limits.memory_bytes);
+            table_elements = table_elements.max(listener.limits.table_elements);
+        }
+        Self::sized(instances, memory_bytes, table_elements)
+    }
+
+    fn sized(instances: usize, memory_bytes: usize, table_elements: usize) -> Self {
+        // Headroom for instances being made while others are being dropped.
+        let instances = instances.saturating_add(instances / 16 + 64);
+        Self {
+            instances: u32::try_from(instances)
+                .unwrap_or(u32::MAX)
+                .min(Self::MAX_INSTANCES),
+            memory_bytes,
+            table_elements,
+        }
+    }
+}
+
+impl Default for PoolSize {
+    /// One listener with the default limits.
+    fn default() -> Self {
+        let limits = Limits::default();
+        Self::sized(
+            crate::config::TrafficLimits::default().max_connections + 1,
+            limits.memory_bytes,
+            limits.table_elements,
+        )
+    }
+}
 
 /// The shared wasmtime state. Create one per process.
 pub struct Runtime {
@@ -28,14 +114,65 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// Configures the engine, links the capabilities and starts the ticker.
+    /// A runtime whose pool fits one listener with the default limits.
     ///
     /// # Errors
     ///
-    /// Fails if wasmtime rejects the configuration on this machine.
+    /// As for [`Runtime::with_pool`].
     pub fn new() -> anyhow::Result<Self> {
+        Self::with_pool(PoolSize::default())
+    }
+
+    /// A runtime whose pool fits `config` (see [`PoolSize::for_config`]).
+    ///
+    /// # Errors
+    ///
+    /// As for [`Runtime::with_pool`].
+    pub fn for_config(config: &ServerConfig) -> anyhow::Result<Self> {
+        Self::with_pool(PoolSize::for_config(config))
+    }
+
+    /// Configures the engine with an instance pool of `pool`'s size, links
+    /// the capabilities and starts the ticker.
+    ///
+    /// # Errors
+    ///
+    /// Fails if wasmtime rejects the configuration on this machine (for
+    /// instance when the pool's address space cannot be reserved).
+    pub fn with_pool(pool: PoolSize) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config.epoch_interruption(true);
+        // A memory slot is as large as the largest memory limit rather than
+        // the usual 4 GiB, so that tens of thousands of slots fit in the
+        // address space; compiled code then checks bounds explicitly where
+        // a 4 GiB slot would let guard pages do it.
+        let memory_bytes = pool.memory_bytes.next_multiple_of(WASM_PAGE);
+        config.memory_reservation(memory_bytes as u64);
+        config.memory_init_cow(true);
+        let mut pooling = PoolingAllocationConfig::new();
+        pooling
+            .total_component_instances(pool.instances)
+            .total_core_instances(
+                pool.instances
+                    .saturating_mul(PoolSize::CORE_INSTANCES_PER_COMPONENT),
+            )
+            .total_memories(
+                pool.instances
+                    .saturating_mul(PoolSize::MEMORIES_PER_COMPONENT),
+            )
+            .total_tables(
+                pool.instances
+                    .saturating_mul(PoolSize::TABLES_PER_COMPONENT),
+            )
+            .total_stacks(pool.instances)
+            .max_memory_size(memory_bytes)
+            .table_elements(pool.table_elements)
+            .max_tables_per_module(4)
+            // A reused slot is cleaned with memset up to this size rather
+            // than with madvise: cheaper for the few pages a handler touches.
+            .linear_memory_keep_resident(64 << 10)
+            .table_keep_resident(16 << 10);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let mut linker = Linker::new(&engine);
         host::capabilities(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
