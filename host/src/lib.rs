@@ -2,19 +2,25 @@
 //! sandboxed WebAssembly component.
 //!
 //! The path a message takes names the modules: a [`listener`] owns a socket
-//! and reads datagrams or TCP messages (cut from the stream by [`framing`]); it hands each to a [`plugin`] instance
-//! and carries out the decision that comes back; the [`server`] starts the
-//! listeners, and stops them on a signal or when every one has been told to
-//! stop. [`client`] and [`check`] are the CLI's other two verbs, and [`cli`]
-//! parses the command line.
+//! and reads datagrams or TCP messages (cut from the stream by [`framing`]);
+//! it hands each to a session of its [`tenant`] (a [`plugin`] instance) and
+//! carries out the decision that comes back. The [`server`] builds tenants
+//! from a [`config`], binds their sockets and runs until every listener has
+//! stopped. [`reload`] swaps a tenant's plugin while it serves, when asked
+//! through the [`control`] socket, by SIGHUP or by the file [`watch`]er.
+//! [`client`] and [`check`] are the CLI's other verbs, and [`cli`] parses the
+//! command line.
 
 pub mod check;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod framing;
 pub mod listener;
 pub mod plugin;
+pub mod reload;
 pub mod scaffold;
 pub mod server;
 pub mod tenant;
+pub mod watch;

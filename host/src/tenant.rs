@@ -147,6 +147,27 @@ impl Tenant {
         }
     }
 
+    /// Whether `session` runs the current version (the UDP listener's
+    /// long-lived session is replaced once a reload has swapped it).
+    pub fn is_current(&self, session: &Session) -> bool {
+        match (&self.handler, session) {
+            (Handler::Wasm(current), Session::Wasm(instance)) => {
+                Arc::ptr_eq(&current.load(), instance.plugin())
+            }
+            _ => true,
+        }
+    }
+
+    /// Starts one instance of `plugin` with this tenant's settings and drops
+    /// it: a reload's last check before the swap.
+    ///
+    /// # Errors
+    ///
+    /// A [`CallError`] if the instance fails to start.
+    pub async fn try_start(&self, plugin: &Arc<Plugin>) -> Result<(), CallError> {
+        Instance::new(plugin, self.settings.clone()).await.map(drop)
+    }
+
     /// A session on the current version: a fresh instance for a plugin.
     ///
     /// # Errors

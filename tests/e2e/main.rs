@@ -19,6 +19,8 @@ mod framing;
 mod hello;
 /// The hello and echo plugins in Python, JavaScript and C, held to the Rust ones' behaviour.
 mod polyglot;
+/// Hot reloads: under load, on file changes, on SIGHUP, and failed ones.
+mod reload;
 /// `wasm-echo new`: every language's project builds, passes `check` and serves.
 mod scaffold;
 /// Tenants' limits, and hostile plugins contained next to a good tenant.

@@ -76,6 +76,13 @@ async fn handle(
     peer: SocketAddr,
     data: &[u8],
 ) -> Option<Next> {
+    // After a reload, the next datagram is the new version's.
+    if session
+        .as_ref()
+        .is_some_and(|live| !tenant.is_current(live))
+    {
+        *session = None;
+    }
     let live = match session {
         Some(live) => live,
         None if !tenant.may_instantiate() => {

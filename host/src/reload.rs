@@ -1,0 +1,222 @@
+//! Reloading plugins while serving. A reload compiles and checks the new
+//! version off the serving path (Cranelift runs on tokio's blocking pool),
+//! starts one instance of it to make sure it comes up, and only then swaps
+//! it in atomically. New datagrams and new connections get the new version;
+//! open connections keep theirs until they close, and a version's code is
+//! freed with its last instance. A reload that fails changes nothing.
+//!
+//! What asks for a reload (the control socket, SIGHUP, the file watcher)
+//! lives in [`crate::control`] and [`crate::watch`].
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::plugin::{LoadError, PluginSource, Runtime};
+use crate::tenant::Tenant;
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// `--listener` named no listener.
+    #[error("no listener named `{name}` (listeners: {known})")]
+    UnknownListener {
+        /// What was asked for.
+        name: String,
+        /// The listeners there are.
+        known: String,
+    },
+    /// `--plugin` named neither a built-in nor a file.
+    #[error("{0}")]
+    Source(LoadError),
+    /// The new version does not load.
+    #[error("listener `{listener}`: {error}")]
+    Load {
+        /// Whose plugin.
+        listener: String,
+        /// Why.
+        error: LoadError,
+    },
+    /// The new version loads but does not start.
+    #[error("listener `{listener}`: {version} fails to start: {reason}")]
+    Start {
+        /// Whose plugin.
+        listener: String,
+        /// The version that failed.
+        version: String,
+        /// Why.
+        reason: String,
+    },
+    /// The listener runs native code, which cannot be reloaded.
+    #[error("listener `{0}` runs no plugin")]
+    Native(String),
+}
+
+/// One listener's reload, as logs and `wasm-echo reload` report it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Swap {
+    /// The listener.
+    pub listener: String,
+    /// `name@digest` of the version it ran.
+    pub previous: String,
+    /// `name@digest` of the version it runs now.
+    pub current: String,
+    /// When the new version was loaded (RFC 3339).
+    pub loaded_at: String,
+    /// Instances of the previous version still alive: open connections
+    /// finishing on it.
+    pub still_on_previous: usize,
+    /// Whether anything changed (a reload of identical bytes swaps nothing).
+    pub swapped: bool,
+}
+
+impl fmt::Display for Swap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.swapped {
+            write!(
+                f,
+                "listener `{}`: {} -> {} (loaded {}); {} instance(s) still on {}",
+                self.listener,
+                self.previous,
+                self.current,
+                self.loaded_at,
+                self.still_on_previous,
+                self.previous
+            )
+        } else {
+            write!(
+                f,
+                "listener `{}`: {} unchanged",
+                self.listener, self.current
+            )
+        }
+    }
+}
+
+/// Carries out reloads for a server's tenants, one at a time.
+pub struct Reloader {
+    runtime: Arc<Runtime>,
+    tenants: Vec<Arc<Tenant>>,
+    /// Reloads are serialised so two never race on one tenant.
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl Reloader {
+    /// A reloader for `tenants`, compiling with `runtime`.
+    pub fn new(runtime: Arc<Runtime>, tenants: Vec<Arc<Tenant>>) -> Self {
+        Self {
+            runtime,
+            tenants,
+            busy: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The plugin file each tenant runs, for the watcher.
+    pub fn watched_files(&self) -> Vec<(String, std::path::PathBuf)> {
+        self.tenants
+            .iter()
+            .filter_map(|tenant| match tenant.current()?.source() {
+                PluginSource::File(path) => Some((tenant.name().to_owned(), path.clone())),
+                PluginSource::Builtin(_) => None,
+            })
+            .collect()
+    }
+
+    /// Reloads `listener` (every listener when `None`) from `plugin` (each
+    /// one's current source when `None`). Every new version is loaded and
+    /// started before any is swapped in, so a failure changes nothing.
+    ///
+    /// # Errors
+    ///
+    /// A [`ReloadError`] saying which listener and why.
+    pub async fn reload(
+        &self,
+        listener: Option<&str>,
+        plugin: Option<&str>,
+    ) -> Result<Vec<Swap>, ReloadError> {
+        let _busy = self.busy.lock().await;
+        let tenants: Vec<&Arc<Tenant>> = match listener {
+            Some(name) => {
+                let tenant = self
+                    .tenants
+                    .iter()
+                    .find(|tenant| tenant.name() == name)
+                    .ok_or_else(|| ReloadError::UnknownListener {
+                        name: name.to_owned(),
+                        known: self
+                            .tenants
+                            .iter()
+                            .map(|t| t.name())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })?;
+                vec![tenant]
+            }
+            None => self.tenants.iter().collect(),
+        };
+        let requested = plugin
+            .map(PluginSource::parse)
+            .transpose()
+            .map_err(ReloadError::Source)?;
+
+        let mut ready = Vec::new();
+        for tenant in tenants {
+            let current = tenant
+                .current()
+                .ok_or_else(|| ReloadError::Native(tenant.name().to_owned()))?;
+            let source = requested
+                .clone()
+                .unwrap_or_else(|| current.source().clone());
+            let runtime = self.runtime.clone();
+            let compiled = tokio::task::spawn_blocking(move || runtime.load(&source)).await;
+            let plugin = match compiled {
+                Ok(Ok(plugin)) => Arc::new(plugin),
+                Ok(Err(error)) => {
+                    return Err(ReloadError::Load {
+                        listener: tenant.name().to_owned(),
+                        error,
+                    });
+                }
+                Err(join) => {
+                    return Err(ReloadError::Start {
+                        listener: tenant.name().to_owned(),
+                        version: "the new version".to_owned(),
+                        reason: format!("compilation did not finish: {join}"),
+                    });
+                }
+            };
+            if plugin.digest() != current.digest() || plugin.name() != current.name() {
+                tenant
+                    .try_start(&plugin)
+                    .await
+                    .map_err(|error| ReloadError::Start {
+                        listener: tenant.name().to_owned(),
+                        version: plugin.version(),
+                        reason: error.to_string(),
+                    })?;
+            }
+            ready.push((tenant, current, plugin));
+        }
+
+        let mut swaps = Vec::new();
+        for (tenant, current, plugin) in ready {
+            let swapped = plugin.digest() != current.digest() || plugin.name() != current.name();
+            if swapped {
+                tenant.swap(plugin.clone());
+            }
+            let live = tenant.current().unwrap_or(plugin);
+            let swap = Swap {
+                listener: tenant.name().to_owned(),
+                previous: current.version(),
+                current: live.version(),
+                loaded_at: humantime::format_rfc3339_millis(live.loaded_at()).to_string(),
+                still_on_previous: if swapped { current.instances() } else { 0 },
+                swapped,
+            };
+            tracing::info!(listener = tenant.name(), "reloaded: {swap}");
+            swaps.push(swap);
+        }
+        Ok(swaps)
+    }
+}
