@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -13,8 +14,10 @@ use crate::client::{self, Exchange};
 use crate::config::{
     DEFAULT_GRACE, FailurePolicy, ListenerConfig, ServerConfig, TrafficLimits, parse_size,
 };
+use crate::control::{self, ControlSocket};
 use crate::framing::{DEFAULT_MAX_MESSAGE, Framing};
 use crate::plugin::{Limits, PluginConfig, PluginSource, Runtime};
+use crate::reload::Reloader;
 use crate::server::{DEFAULT_PORT, Server};
 
 /// A UDP and TCP server whose every response is decided by a sandboxed
@@ -37,6 +40,9 @@ enum Command {
     /// Check that a plugin loads and fits the wasm-echo:plugin world; print
     /// what it imports and exports.
     Check(CheckArgs),
+    /// Ask a running server to reload plugins: from their files, or from a
+    /// new plugin. Nothing changes if the new version fails to load.
+    Reload(ReloadArgs),
     /// Create a plugin project in Rust, Python, JavaScript or C that builds
     /// (with its build.sh) and passes `check` as it is.
     New(NewArgs),
@@ -50,6 +56,14 @@ struct ServeArgs {
         "plugin", "udp", "tcp", "settings", "call_timeout", "memory_limit", "framing", "max_message", "grace",
     ])]
     config: Option<PathBuf>,
+    /// Reload a listener's plugin when its file changes (written in place
+    /// or renamed over); SIGHUP and `wasm-echo reload` work either way.
+    #[arg(long)]
+    watch: bool,
+    /// The control socket `wasm-echo reload` talks to [default:
+    /// $XDG_RUNTIME_DIR/wasm-echo.sock, or /tmp/wasm-echo.sock].
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// The plugin: a built-in's name (hello, echo, counter) or the path of a
     /// .wasm component.
     #[arg(long, value_name = "NAME|PATH")]
@@ -149,6 +163,20 @@ struct ClientArgs {
 }
 
 #[derive(Debug, Args)]
+struct ReloadArgs {
+    /// The new plugin: a built-in's name or a .wasm component's path
+    /// [default: each listener's own file, read again].
+    #[arg(long, value_name = "NAME|PATH")]
+    plugin: Option<String>,
+    /// Reload only this listener [default: all of them].
+    #[arg(long, value_name = "NAME")]
+    listener: Option<String>,
+    /// The server's control socket (as given to `serve --control`).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 struct CheckArgs {
     /// A built-in's name or the path of a .wasm component.
     #[arg(value_name = "NAME|PATH")]
@@ -184,6 +212,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Serve(args) => serve(args).await,
             Command::Client(args) => client(args).await,
             Command::Check(args) => check(args).await,
+            Command::Reload(args) => reload(args).await,
             Command::New(args) => crate::scaffold::run(args.lang, &args.name, args.dir.as_deref()),
         }
     })
@@ -191,25 +220,77 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     init_logging();
+    let (watch, control) = (
+        args.watch,
+        args.control.take().unwrap_or_else(control::default_path),
+    );
     let (config, origin) = match args.config.take() {
         Some(path) => (ServerConfig::from_file(&path)?, Some(path)),
         None => (args.into_config()?, None),
     };
     // The instance pool is sized once, for every listener's limits.
-    let wasm = Runtime::for_config(&config)?;
-    let server = Server::bind(&wasm, config, origin).await?;
+    let runtime = Arc::new(Runtime::for_config(&config)?);
+    let server = Server::bind(&runtime, config, origin).await?;
     // Scripts and tests read these lines to learn the real ports.
     for (name, protocol, addr) in server.local_addrs() {
         println!("listening {protocol} {addr} {name}");
     }
+    let reloader = Arc::new(Reloader::new(runtime, server.tenants().to_vec()));
+    match ControlSocket::bind(&control) {
+        Ok(socket) => {
+            tracing::info!("control socket {}", control.display());
+            tokio::spawn(socket.serve(reloader.clone()));
+        }
+        Err(error) => tracing::warn!(
+            "no control socket at {}: {error}; `wasm-echo reload` needs --control, SIGHUP still reloads",
+            control.display()
+        ),
+    }
+    let _watcher = if watch {
+        Some(crate::watch::spawn(reloader.clone())?)
+    } else {
+        None
+    };
     let shutdown = server.shutdown_token();
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down: no new connections; open ones may finish");
         shutdown.cancel();
     });
+    tokio::spawn(reload_on_sighup(reloader));
     server.run().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGHUP reloads every listener's plugin from its file.
+async fn reload_on_sighup(reloader: Arc<Reloader>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        if let Err(error) = reloader.reload(None, None).await {
+            tracing::warn!("reload on SIGHUP failed, nothing changed: {error}");
+        }
+    }
+}
+
+async fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
+    let path = args.control.unwrap_or_else(control::default_path);
+    let request = control::Request::Reload {
+        listener: args.listener,
+        plugin: args.plugin,
+    };
+    let response = control::send(&path, &request).await?;
+    match response.error {
+        Some(error) if !response.ok => anyhow::bail!("reload failed, nothing changed: {error}"),
+        _ => {
+            for swap in response.swaps {
+                println!("{swap}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {

@@ -244,6 +244,14 @@ impl Plugin {
     }
 }
 
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        // After a reload the old version lives on in its open connections;
+        // this is the moment its code and memory are gone.
+        tracing::debug!(version = self.version(), "plugin version released");
+    }
+}
+
 impl fmt::Debug for Plugin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Plugin")
