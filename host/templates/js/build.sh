@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 if [[ -x node_modules/.bin/componentize-js ]]; then
     componentize=node_modules/.bin/componentize-js
 elif command -v componentize-js >/dev/null; then
-    componentize=componentize-js
+    componentize="componentize-js"
 else
     command -v npm >/dev/null || { echo "build.sh: npm not found: install Node.js 20 or later" >&2; exit 1; }
     npm install --no-audit --no-fund

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 if command -v componentize-py >/dev/null; then
-    componentize=componentize-py
+    componentize="componentize-py"
 else
     componentize=.venv/bin/componentize-py
     if [[ ! -x $componentize ]]; then
