@@ -8,8 +8,8 @@
 //! from a [`config`], binds their sockets and runs until every listener has
 //! stopped. [`reload`] swaps a tenant's plugin while it serves, when asked
 //! through the [`control`] socket, by SIGHUP or by the file [`watch`]er.
-//! [`client`] and [`check`] are the CLI's other verbs, and [`cli`] parses the
-//! command line.
+//! [`client`], [`check`] and [`scaffold`] (`new`) are the CLI's other verbs,
+//! and [`cli`] parses the command line.
 
 pub mod check;
 pub mod cli;
