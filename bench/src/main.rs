@@ -49,6 +49,10 @@ struct Cli {
     /// with --quick).
     #[arg(long, value_name = "N")]
     connections: Option<usize>,
+    /// Run only the parts named (for profiling): udp-ping, udp-flood,
+    /// tcp-ping, tcp-stream, tcp-churn, memory, plugin. Repeatable.
+    #[arg(long, value_name = "PART")]
+    only: Vec<String>,
     #[command(subcommand)]
     command: Option<Child>,
 }
@@ -171,6 +175,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     if let Some(dir) = &cli.polyglot {
         sources.extend(plugin::polyglot_sources(dir));
     }
+    let wanted = |part: &str| cli.only.is_empty() || cli.only.iter().any(|only| only == part);
+    if !wanted("plugin") {
+        sources.clear();
+    }
     for (label, source) in sources {
         eprintln!("plugin: {label}");
         let measured = clients.block_on(plugin::measure(&wasm, &label, source, plan.plugin))?;
@@ -178,10 +186,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     }
     let native_call = plugin::native_call(plan.plugin.calls);
 
-    let workloads = Workload::ALL;
+    let workloads: Vec<Workload> = Workload::ALL
+        .into_iter()
+        .filter(|workload| wanted(workload.part()))
+        .collect();
     let mut outcomes: HashMap<(Workload, Kind), Vec<Outcome>> = HashMap::new();
     for round in 0..plan.rounds {
-        for workload in workloads {
+        for &workload in &workloads {
             for turn in 0..Kind::ALL.len() {
                 let kind = Kind::ALL[(round + turn) % Kind::ALL.len()];
                 eprintln!("round {}: {workload} against {kind}", round + 1);

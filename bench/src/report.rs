@@ -41,6 +41,19 @@ impl Workload {
     ];
 }
 
+impl Workload {
+    /// The name `--only` knows it by.
+    pub fn part(self) -> &'static str {
+        match self {
+            Self::UdpPingPong(_) => "udp-ping",
+            Self::UdpFlood(_) => "udp-flood",
+            Self::TcpPingPong(_) => "tcp-ping",
+            Self::TcpStream(_) => "tcp-stream",
+            Self::TcpChurn(_) => "tcp-churn",
+        }
+    }
+}
+
 impl fmt::Display for Workload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

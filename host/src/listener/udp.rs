@@ -20,6 +20,10 @@ use crate::tenant::{Session, Tenant};
 /// The largest payload a UDP datagram can carry over IPv4.
 pub const MAX_DATAGRAM: usize = 65_507;
 
+/// Datagrams handled one after another before the listener checks for
+/// shutdown and housekeeping again.
+const BATCH: usize = 64;
+
 /// How often the per-peer rate limiter forgets quiet peers.
 const HOUSEKEEPING: Duration = Duration::from_secs(60);
 
@@ -31,35 +35,49 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     let mut session: Option<Session> = None;
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
-    loop {
-        let (len, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
+    // Made once: a fresh `cancelled()` per datagram would register and
+    // unregister a waiter (a lock each) every time round.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    'serving: loop {
+        tokio::select! {
+            () = &mut cancelled => break,
             _ = housekeeping.tick() => {
                 tenant.forget_quiet_peers();
                 continue;
             }
-            received = socket.recv_from(&mut buf) => match received {
+            ready = socket.readable() => if let Err(error) = ready {
+                tracing::debug!(%error, "udp socket not readable");
+                continue;
+            },
+        }
+        // Handle what has queued up before waiting again, up to a batch, so
+        // a busy listener pays for the wait once per batch rather than once
+        // per datagram and still checks for shutdown between batches.
+        for _ in 0..BATCH {
+            let (len, peer) = match socket.try_recv_from(&mut buf) {
                 Ok(received) => received,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(error) => {
                     // ICMP errors from earlier replies surface here on some
                     // systems; they concern one peer, not the listener.
                     tracing::debug!(%error, "udp receive failed");
                     continue;
                 }
-            },
-        };
-        if !tenant.admit_message(peer.ip()) {
-            tracing::debug!(listener = tenant.name(), %peer, "datagram dropped: rate limit");
-            continue;
-        }
-        if handle(&socket, &tenant, &mut session, peer, &buf[..len]).await
-            == Some(Next::StopListener)
-        {
-            if tenant.config.honor_stop {
-                tracing::info!(listener = tenant.name(), %peer, "plugin stopped the udp listener");
-                break;
+            };
+            if !tenant.admit_message(peer.ip()) {
+                tracing::debug!(listener = tenant.name(), %peer, "datagram dropped: rate limit");
+                continue;
             }
-            tracing::warn!(listener = tenant.name(), %peer, "plugin asked to stop the listener; ignored (honor-stop = false)");
+            if handle(&socket, &tenant, &mut session, peer, &buf[..len]).await
+                == Some(Next::StopListener)
+            {
+                if tenant.config.honor_stop {
+                    tracing::info!(listener = tenant.name(), %peer, "plugin stopped the udp listener");
+                    break 'serving;
+                }
+                tracing::warn!(listener = tenant.name(), %peer, "plugin asked to stop the listener; ignored (honor-stop = false)");
+            }
         }
     }
     if let Some(local) = local {

@@ -64,6 +64,42 @@ impl PoolSize {
     /// the reserved address space (about 100 MiB per instance with the
     /// default memory limit) stops being small next to the machine's.
     pub const MAX_INSTANCES: u32 = 200_000;
+    /// Memory mappings one pooled instance costs the process: two for its
+    /// async stack (guard page and stack, made at start-up) and about four
+    /// for a live memory slot (copy-on-write image, heap, the rest).
+    const MAPPINGS_PER_INSTANCE: u64 = 6;
+    /// Mappings left for everything else: code, heap, threads.
+    const MAPPINGS_RESERVED: u64 = 4096;
+
+    /// This size, cut down to what the kernel's limit on a process's memory
+    /// mappings (`vm.max_map_count`, 65,530 by default) can hold: past it,
+    /// the pool could not even be set up. With the default limit that is
+    /// about 10,000 instances; raise the sysctl for more.
+    fn fitted(self) -> Self {
+        let Some(max_map_count) = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+        else {
+            return self;
+        };
+        let fits =
+            max_map_count.saturating_sub(Self::MAPPINGS_RESERVED) / Self::MAPPINGS_PER_INSTANCE;
+        let fits = u32::try_from(fits).unwrap_or(u32::MAX).max(1);
+        // Not a warning: two listeners with the default max-connections
+        // already ask for more, and a full pool says so itself when a
+        // connection finds no slot.
+        if self.instances > fits {
+            tracing::debug!(
+                "instance pool cut from {} to {fits} instances by vm.max_map_count ({max_map_count}); \
+                 raise it (sysctl vm.max_map_count) to serve more connections at once",
+                self.instances
+            );
+        }
+        Self {
+            instances: self.instances.min(fits),
+            ..self
+        }
+    }
 
     /// A pool for `config`: every listener's `max-connections` plus its UDP
     /// instance, and a spare slot for each connection that fails open (its
@@ -83,7 +119,7 @@ impl PoolSize {
 
     fn sized(instances: usize, memory_bytes: usize, table_elements: usize) -> Self {
         // Headroom for instances being made while others are being dropped.
-        let instances = instances.saturating_add(instances / 16 + 64);
+        let instances = instances.saturating_add(instances / 64 + 16);
         Self {
             instances: u32::try_from(instances)
                 .unwrap_or(u32::MAX)
@@ -140,6 +176,7 @@ impl Runtime {
     /// Fails if wasmtime rejects the configuration on this machine (for
     /// instance when the pool's address space cannot be reserved).
     pub fn with_pool(pool: PoolSize) -> anyhow::Result<Self> {
+        let pool = pool.fitted();
         let mut config = Config::new();
         config.epoch_interruption(true);
         // A memory slot is as large as the largest memory limit rather than
