@@ -43,6 +43,9 @@ enum Command {
     /// Ask a running server to reload plugins: from their files, or from a
     /// new plugin. Nothing changes if the new version fails to load.
     Reload(ReloadArgs),
+    /// Show a running server's listeners, plugin versions, rates and errors,
+    /// read from its `/metrics` (serve --metrics).
+    Status(StatusArgs),
     /// Create a plugin project in Rust, Python, JavaScript or C that builds
     /// (with its build.sh) and passes `check` as it is.
     New(NewArgs),
@@ -56,6 +59,13 @@ struct ServeArgs {
         "plugin", "udp", "tcp", "settings", "call_timeout", "memory_limit", "framing", "max_message", "grace",
     ])]
     config: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free
+    /// port, printed as `listening metrics ADDR`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Log lines as human-readable text or as one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Reload a listener's plugin when its file changes (written in place
     /// or renamed over); SIGHUP and `wasm-echo reload` work either way.
     #[arg(long)]
@@ -162,6 +172,25 @@ struct ClientArgs {
     timeout: Duration,
 }
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// For people.
+    Text,
+    /// One JSON object per line, for machines.
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// The server's metrics address (as given to `serve --metrics`).
+    #[arg(default_value = "127.0.0.1:9100")]
+    addr: String,
+    /// How long to watch before computing rates.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+}
+
 #[derive(Debug, Args)]
 struct ReloadArgs {
     /// The new plugin: a built-in's name or a .wasm component's path
@@ -213,13 +242,24 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Client(args) => client(args).await,
             Command::Check(args) => check(args).await,
             Command::Reload(args) => reload(args).await,
+            Command::Status(args) => {
+                print!(
+                    "{}",
+                    crate::status::status(&args.addr, args.interval).await?
+                );
+                Ok(ExitCode::SUCCESS)
+            }
             Command::New(args) => crate::scaffold::run(args.lang, &args.name, args.dir.as_deref()),
         }
     })
 }
 
 async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
-    init_logging();
+    init_logging(args.log_format);
+    let metrics = match args.metrics {
+        Some(addr) => Some(crate::metrics::serve(addr).await?),
+        None => None,
+    };
     let (watch, control) = (
         args.watch,
         args.control.take().unwrap_or_else(control::default_path),
@@ -234,6 +274,9 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     // Scripts and tests read these lines to learn the real ports.
     for (name, protocol, addr) in server.local_addrs() {
         println!("listening {protocol} {addr} {name}");
+    }
+    if let Some(addr) = metrics {
+        println!("listening metrics {addr}");
     }
     let reloader = Arc::new(Reloader::new(runtime, server.tenants().to_vec()));
     match ControlSocket::bind(&control) {
@@ -349,15 +392,17 @@ async fn wait_for_signal() {
 /// Logs go to stderr (stdout carries the `listening` lines); the level is
 /// `info` unless `WASM_ECHO_LOG` says otherwise (e.g. `debug`,
 /// `wasm_echo=debug,plugin=warn`).
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WASM_ECHO_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(ansi).init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 /// Parses `KEY=VALUE`.

@@ -136,6 +136,22 @@ impl Reloader {
         plugin: Option<&str>,
     ) -> Result<Vec<Swap>, ReloadError> {
         let _busy = self.busy.lock().await;
+        let result = self.try_reload(listener, plugin).await;
+        let targets = self
+            .tenants
+            .iter()
+            .filter(|tenant| listener.is_none_or(|name| name == tenant.name()));
+        for tenant in targets {
+            tenant.metrics.reloaded(result.is_ok());
+        }
+        result
+    }
+
+    async fn try_reload(
+        &self,
+        listener: Option<&str>,
+        plugin: Option<&str>,
+    ) -> Result<Vec<Swap>, ReloadError> {
         let tenants: Vec<&Arc<Tenant>> = match listener {
             Some(name) => {
                 let tenant = self

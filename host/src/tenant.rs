@@ -19,6 +19,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{FailurePolicy, ListenerConfig, TrafficLimits};
+use crate::metrics::{ListenerMetrics, SessionMetrics};
 use crate::plugin::{
     CallError, Connection, Decision, Instance, InstanceSettings, LogBudget, Next, Plugin,
 };
@@ -64,6 +65,8 @@ enum Handler {
 pub struct Tenant {
     /// The configuration it was made from.
     pub config: ListenerConfig,
+    /// Its series in `/metrics`.
+    pub metrics: ListenerMetrics,
     handler: Handler,
     settings: Arc<InstanceSettings>,
     rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
@@ -82,7 +85,9 @@ impl fmt::Debug for Tenant {
 impl Tenant {
     /// A tenant served by `plugin`.
     pub fn wasm(config: ListenerConfig, plugin: Arc<Plugin>) -> Self {
-        Self::new(config, Handler::Wasm(ArcSwap::new(plugin)))
+        let tenant = Self::new(config, Handler::Wasm(ArcSwap::new(plugin.clone())));
+        tenant.metrics.serving(&plugin, None);
+        tenant
     }
 
     /// A tenant served by native code (for benchmarks).
@@ -105,6 +110,7 @@ impl Tenant {
         });
         let connections = Arc::new(Semaphore::new(config.traffic.max_connections));
         Self {
+            metrics: ListenerMetrics::new(&config.name),
             handler,
             settings,
             rate,
@@ -142,7 +148,11 @@ impl Tenant {
     /// one it replaces. Sessions already open keep theirs.
     pub fn swap(&self, plugin: Arc<Plugin>) -> Option<Arc<Plugin>> {
         match &self.handler {
-            Handler::Wasm(current) => Some(current.swap(plugin)),
+            Handler::Wasm(current) => {
+                let previous = current.swap(plugin.clone());
+                self.metrics.serving(&plugin, Some(&previous));
+                Some(previous)
+            }
             Handler::Native(_) => None,
         }
     }
@@ -150,8 +160,8 @@ impl Tenant {
     /// Whether `session` runs the current version (the UDP listener's
     /// long-lived session is replaced once a reload has swapped it).
     pub fn is_current(&self, session: &Session) -> bool {
-        match (&self.handler, session) {
-            (Handler::Wasm(current), Session::Wasm(instance)) => {
+        match (&self.handler, &session.kind) {
+            (Handler::Wasm(current), SessionKind::Wasm(instance)) => {
                 Arc::ptr_eq(&current.load(), instance.plugin())
             }
             _ => true,
@@ -177,10 +187,19 @@ impl Tenant {
         match &self.handler {
             Handler::Wasm(current) => {
                 let plugin = current.load_full();
+                let started = Instant::now();
                 let instance = Instance::new(&plugin, self.settings.clone()).await?;
-                Ok(Session::Wasm(Box::new(instance)))
+                let metrics = self.metrics.session(&plugin.version());
+                metrics.instantiation.record(started.elapsed());
+                Ok(Session {
+                    kind: SessionKind::Wasm(Box::new(instance)),
+                    metrics,
+                })
             }
-            Handler::Native(native) => Ok(Session::Native(native.clone())),
+            Handler::Native(native) => Ok(Session {
+                kind: SessionKind::Native(native.clone()),
+                metrics: self.metrics.session("native"),
+            }),
         }
     }
 
@@ -306,8 +325,14 @@ impl Backoff {
     }
 }
 
-/// One conversation's handler: a plugin instance, or native code.
-pub enum Session {
+/// One conversation's handler (a plugin instance, or native code) and the
+/// handles that time its calls.
+pub struct Session {
+    kind: SessionKind,
+    metrics: SessionMetrics,
+}
+
+enum SessionKind {
     /// A plugin instance (boxed: a store is large next to a pointer).
     Wasm(Box<Instance>),
     /// Native code.
@@ -317,9 +342,9 @@ pub enum Session {
 impl Session {
     /// `name@digest` of the version this session runs, or `native`.
     pub fn version(&self) -> String {
-        match self {
-            Self::Wasm(instance) => instance.plugin().version(),
-            Self::Native(_) => "native".to_owned(),
+        match &self.kind {
+            SessionKind::Wasm(instance) => instance.plugin().version(),
+            SessionKind::Native(_) => "native".to_owned(),
         }
     }
 
@@ -333,10 +358,13 @@ impl Session {
         peer: SocketAddr,
         data: &[u8],
     ) -> Result<Decision, CallError> {
-        match self {
-            Self::Wasm(instance) => instance.on_datagram(peer, data).await,
-            Self::Native(native) => Ok(native.on_datagram(peer, data)),
-        }
+        let started = Instant::now();
+        let decision = match &mut self.kind {
+            SessionKind::Wasm(instance) => instance.on_datagram(peer, data).await,
+            SessionKind::Native(native) => Ok(native.on_datagram(peer, data)),
+        };
+        self.metrics.calls.record(started.elapsed());
+        decision
     }
 
     /// See [`Instance::on_open`].
@@ -349,9 +377,9 @@ impl Session {
         conn: &Connection,
         peer: SocketAddr,
     ) -> Result<Decision, CallError> {
-        match self {
-            Self::Wasm(instance) => instance.on_open(conn, peer).await,
-            Self::Native(_) => Ok(Decision {
+        match &mut self.kind {
+            SessionKind::Wasm(instance) => instance.on_open(conn, peer).await,
+            SessionKind::Native(_) => Ok(Decision {
                 reply: None,
                 next: Next::CarryOn,
             }),
@@ -364,10 +392,13 @@ impl Session {
     ///
     /// A [`CallError`] from the plugin.
     pub async fn on_message(&mut self, data: &[u8]) -> Result<Decision, CallError> {
-        match self {
-            Self::Wasm(instance) => instance.on_message(data).await,
-            Self::Native(native) => Ok(native.on_message(data)),
-        }
+        let started = Instant::now();
+        let decision = match &mut self.kind {
+            SessionKind::Wasm(instance) => instance.on_message(data).await,
+            SessionKind::Native(native) => Ok(native.on_message(data)),
+        };
+        self.metrics.calls.record(started.elapsed());
+        decision
     }
 
     /// See [`Instance::on_close`].
@@ -376,9 +407,9 @@ impl Session {
     ///
     /// A [`CallError`] from the plugin.
     pub async fn on_close(&mut self) -> Result<(), CallError> {
-        match self {
-            Self::Wasm(instance) => instance.on_close().await,
-            Self::Native(_) => Ok(()),
+        match &mut self.kind {
+            SessionKind::Wasm(instance) => instance.on_close().await,
+            SessionKind::Native(_) => Ok(()),
         }
     }
 }

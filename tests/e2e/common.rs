@@ -37,6 +37,8 @@ pub struct Server {
     child: Child,
     pub udp: Option<SocketAddr>,
     pub tcp: Option<SocketAddr>,
+    /// The `/metrics` endpoint, with `--metrics`.
+    pub metrics: Option<SocketAddr>,
     /// Every socket by listener name: (udp, tcp).
     named: HashMap<String, (Option<SocketAddr>, Option<SocketAddr>)>,
     stderr: Arc<Mutex<String>>,
@@ -65,7 +67,7 @@ impl Server {
             .filter(|flag| args.contains(flag))
             .count()
             .max(1);
-        Self::expecting(args, expected)
+        Self::expecting(args, expected + usize::from(args.contains(&"--metrics")))
     }
 
     /// Writes `toml` to a scratch file, serves it, and waits for `sockets`
@@ -113,6 +115,7 @@ impl Server {
             udp: None,
             tcp: None,
             named: HashMap::new(),
+            metrics: None,
             stderr,
         };
         let deadline = Instant::now() + PATIENCE;
@@ -135,6 +138,11 @@ impl Server {
                 .expect("address")
                 .parse()
                 .expect("a socket address");
+            if protocol == "metrics" {
+                server.metrics = Some(addr);
+                seen += 1;
+                continue;
+            }
             let name = words.next().expect("listener name").to_owned();
             let entry = server.named.entry(name).or_default();
             match protocol {

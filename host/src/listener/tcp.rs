@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::framing::{FrameError, MessageReader, frame_reply};
+use crate::metrics::CloseReason;
 use crate::plugin::{CallError, Connection, Decision, Next, endpoint};
 use crate::tenant::{Session, Tenant};
 
@@ -57,6 +58,7 @@ pub async fn serve(
             },
         };
         let Some(permit) = tenant.admit_connection() else {
+            tenant.metrics.rejected.increment(1);
             tracing::debug!(
                 listener = tenant.name(),
                 %peer,
@@ -151,11 +153,24 @@ impl ConnectionTask {
             Ok(session) => session,
             Err(error) => {
                 tenant.record_failure();
+                tenant.metrics.failed(&tenant.version_label(), &error);
                 tracing::warn!(listener, %peer, "connection refused: instantiation failed: {error}");
                 return;
             }
         };
+        tenant.metrics.connections.increment(1);
+        tenant.metrics.open_connections.increment(1.0);
         let end = self.exchange(&mut session).await;
+        tenant.metrics.open_connections.decrement(1.0);
+        tenant.metrics.closed(match &end {
+            End::PeerClosed => CloseReason::Peer,
+            End::PluginClosed => CloseReason::Plugin,
+            End::Shutdown => CloseReason::Shutdown,
+            End::Idle => CloseReason::Idle,
+            End::Io(_) => CloseReason::Io,
+            End::Protocol(_) => CloseReason::Protocol,
+            End::Failed(_) => CloseReason::Failed,
+        });
         let version = session.version();
         if !matches!(end, End::Failed(_))
             && let Err(error) = session.on_close().await
@@ -190,7 +205,11 @@ impl ConnectionTask {
         };
         let decision = match session.on_open(&conn, self.peer).await {
             Ok(decision) => decision,
-            Err(error) => return End::Failed(format!("{}: {error}", session.version())),
+            Err(error) => {
+                let version = session.version();
+                self.tenant.metrics.failed(&version, &error);
+                return End::Failed(format!("{version}: {error}"));
+            }
         };
         if let Some(end) = self.carry_out(session, decision, None).await {
             return end;
@@ -237,6 +256,7 @@ impl ConnectionTask {
             () = self.hard_stop.cancelled() => return Some(End::Shutdown),
             () = self.tenant.pace(self.peer.ip()) => {}
         }
+        self.tenant.metrics.message_in(message.len());
         match session.on_message(&message).await {
             Ok(decision) => self.carry_out(session, decision, Some(&message)).await,
             Err(error) => self.fail(session, &message, &error).await,
@@ -252,11 +272,14 @@ impl ConnectionTask {
         error: &CallError,
     ) -> Option<End> {
         self.tenant.record_failure();
-        let reason = format!("{}: {error}", session.version());
+        let version = session.version();
+        self.tenant.metrics.failed(&version, error);
+        let reason = format!("{version}: {error}");
         let Some(echo) = self.tenant.failure_reply(message) else {
             return Some(End::Failed(reason));
         };
-        tracing::warn!(listener = self.tenant.name(), peer = %self.peer, "message failed, echoed (fail-open): {reason}");
+        tracing::warn!(listener = self.tenant.name(),
+            version, peer = %self.peer, "message failed, echoed (fail-open): {reason}");
         if let Some(end) = self.send(echo).await {
             return Some(end);
         }
@@ -276,7 +299,9 @@ impl ConnectionTask {
     ) -> Option<End> {
         if let Some(reply) = decision.reply {
             if let Err(reason) = self.tenant.vet_reply(&reply, None) {
-                let reason = format!("{}: {reason}", session.version());
+                let version = session.version();
+                self.tenant.metrics.failure(&version, "reply");
+                let reason = format!("{version}: {reason}");
                 return match request.and_then(|request| self.tenant.failure_reply(request)) {
                     Some(echo) => self.send(echo).await,
                     None => Some(End::Failed(reason)),
@@ -315,6 +340,12 @@ impl ConnectionTask {
             () = self.hard_stop.cancelled() => return Some(End::Shutdown),
             written = self.stream.write_all(&self.reply) => written,
         };
-        written.err().map(End::Io)
+        match written {
+            Ok(()) => {
+                self.tenant.metrics.message_out(self.reply.len());
+                None
+            }
+            Err(error) => Some(End::Io(error)),
+        }
     }
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::NoReply;
 use crate::plugin::Next;
 use crate::tenant::{Session, Tenant};
 
@@ -65,7 +66,9 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
                     continue;
                 }
             };
+            tenant.metrics.datagram_in(len);
             if !tenant.admit_message(peer.ip()) {
+                tenant.metrics.dropped(NoReply::RateLimit);
                 tracing::debug!(listener = tenant.name(), %peer, "datagram dropped: rate limit");
                 continue;
             }
@@ -109,6 +112,7 @@ async fn handle(
                 tenant,
                 peer,
                 data,
+                &tenant.version_label(),
                 "plugin is backing off after repeated failures",
             )
             .await;
@@ -123,6 +127,7 @@ async fn handle(
                     tenant,
                     peer,
                     data,
+                    &tenant.version_label(),
                     format!("instantiation failed: {error}"),
                 )
                 .await;
@@ -136,21 +141,16 @@ async fn handle(
             let version = live.version();
             *session = None;
             tenant.record_failure();
-            fail(socket, tenant, peer, data, format!("{version}: {error}")).await;
+            tenant.metrics.failed(&version, &error);
+            fail(socket, tenant, peer, data, &version, error).await;
             return None;
         }
     };
     tenant.record_success();
     if let Some(reply) = &decision.reply {
         if let Err(reason) = tenant.vet_reply(reply, Some(data.len())) {
-            fail(
-                socket,
-                tenant,
-                peer,
-                data,
-                format!("{}: {reason}", live.version()),
-            )
-            .await;
+            tenant.metrics.failure(&live.version(), "reply");
+            fail(socket, tenant, peer, data, &live.version(), reason).await;
             return None;
         }
         send(socket, tenant, peer, reply).await;
@@ -165,19 +165,26 @@ async fn fail(
     tenant: &Tenant,
     peer: SocketAddr,
     data: &[u8],
+    version: &str,
     reason: impl Display,
 ) {
+    tenant.metrics.dropped(NoReply::Failed);
     match tenant.failure_reply(data) {
         Some(echo) => {
-            tracing::warn!(listener = tenant.name(), %peer, "datagram failed, echoed (fail-open): {reason}");
+            tracing::warn!(listener = tenant.name(), version, %peer, "datagram failed, echoed (fail-open): {reason}");
             send(socket, tenant, peer, echo).await;
         }
-        None => tracing::warn!(listener = tenant.name(), %peer, "datagram dropped: {reason}"),
+        None => {
+            tracing::warn!(listener = tenant.name(), version, %peer, "datagram dropped: {reason}")
+        }
     }
 }
 
 async fn send(socket: &UdpSocket, tenant: &Tenant, peer: SocketAddr, reply: &[u8]) {
-    if let Err(error) = socket.send_to(reply, peer).await {
-        tracing::warn!(listener = tenant.name(), %peer, "reply of {} bytes not sent: {error}", reply.len());
+    match socket.send_to(reply, peer).await {
+        Ok(sent) => tenant.metrics.datagram_out(sent),
+        Err(error) => {
+            tracing::warn!(listener = tenant.name(), %peer, "reply of {} bytes not sent: {error}", reply.len());
+        }
     }
 }

@@ -1,0 +1,303 @@
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use prometheus_parse::{Scrape, Value};
+
+use crate::common::{
+    PATIENCE, Server, plugins, run, scratch_file, tcp_ask, tcp_client, udp_ask, udp_client,
+};
+
+/// GETs `/metrics` over plain HTTP and parses the Prometheus text.
+fn scrape(addr: SocketAddr) -> Scrape {
+    let mut stream = TcpStream::connect(addr).expect("metrics endpoint");
+    stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    Scrape::parse(body.lines().map(|line| Ok(line.to_owned()))).expect("Prometheus text")
+}
+
+/// The value of the sample of `metric` whose labels include `labels`.
+fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .filter(|sample| sample.metric == metric)
+        .find(|sample| {
+            labels
+                .iter()
+                .all(|(key, value)| sample.labels.get(key) == Some(value))
+        })
+        .map(|sample| match &sample.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            Value::Histogram(buckets) => buckets.last().map_or(0.0, |bucket| bucket.count),
+            Value::Summary(_) => f64::NAN,
+        })
+}
+
+/// Waits until every expectation holds (counters are bumped just after a
+/// reply leaves, so a scrape may briefly lag the client), then returns the
+/// scrape; fails with the last values if they never do.
+fn expect(addr: SocketAddr, expected: &[(&str, &[(&str, &str)], f64)]) -> Scrape {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let scrape = scrape(addr);
+        let wrong: Vec<_> = expected
+            .iter()
+            .filter_map(|(metric, labels, want)| {
+                let got = value(&scrape, metric, labels);
+                (got != Some(*want))
+                    .then(|| format!("{metric}{labels:?}: want {want}, got {got:?}"))
+            })
+            .collect();
+        if wrong.is_empty() {
+            return scrape;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never matched:\n{}",
+            wrong.join("\n")
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn metrics_addr(server: &Server) -> SocketAddr {
+    server.metrics.expect("serving metrics")
+}
+
+#[test]
+fn counters_move_by_exactly_the_traffic_sent() {
+    let server = Server::start("echo", &["--metrics", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&server);
+    let main = [("listener", "main")];
+    let socket = udp_client(server.udp());
+    for _ in 0..7 {
+        assert_eq!(udp_ask(&socket, b"ten bytes!"), b"ten bytes!");
+    }
+    for _ in 0..2 {
+        let mut stream = tcp_client(server.tcp());
+        for _ in 0..3 {
+            assert_eq!(tcp_ask(&mut stream, b"five!", 5), b"five!");
+        }
+    }
+    let scrape = expect(
+        metrics,
+        &[
+            ("wasm_echo_datagrams_total", &main, 7.0),
+            (
+                "wasm_echo_bytes_in_total",
+                &[("listener", "main"), ("protocol", "udp")],
+                70.0,
+            ),
+            (
+                "wasm_echo_bytes_out_total",
+                &[("listener", "main"), ("protocol", "udp")],
+                70.0,
+            ),
+            (
+                "wasm_echo_replies_total",
+                &[("listener", "main"), ("protocol", "udp")],
+                7.0,
+            ),
+            ("wasm_echo_tcp_connections_total", &main, 2.0),
+            ("wasm_echo_tcp_messages_total", &main, 6.0),
+            (
+                "wasm_echo_bytes_in_total",
+                &[("listener", "main"), ("protocol", "tcp")],
+                30.0,
+            ),
+            (
+                "wasm_echo_replies_total",
+                &[("listener", "main"), ("protocol", "tcp")],
+                6.0,
+            ),
+            (
+                "wasm_echo_closes_total",
+                &[("listener", "main"), ("reason", "peer")],
+                2.0,
+            ),
+            ("wasm_echo_open_connections", &main, 0.0),
+            (
+                "wasm_echo_drops_total",
+                &[("listener", "main"), ("reason", "failed")],
+                0.0,
+            ),
+        ],
+    );
+    let info = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "wasm_echo_plugin_info")
+        .expect("an info series");
+    let digest = info.labels.get("digest").expect("digest label");
+    assert_eq!(digest.len(), 12);
+    assert_eq!(
+        info.labels.get("version"),
+        Some(format!("echo@{digest}").as_str())
+    );
+    // 7 datagrams and 6 messages went through the plugin, each timed once.
+    let calls = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "wasm_echo_plugin_call_seconds_count")
+        .map(|s| match s.value {
+            Value::Untyped(v) | Value::Counter(v) => v,
+            _ => 0.0,
+        })
+        .sum::<f64>();
+    assert_eq!(calls, 13.0);
+}
+
+#[test]
+fn failures_and_reloads_are_counted_by_kind() {
+    let control = scratch_file("placeholder", b"").with_file_name("control.sock");
+    let control_arg = control.to_str().expect("utf-8 path");
+    let server = Server::start(
+        plugins::TRAP,
+        &[
+            "--metrics",
+            "127.0.0.1:0",
+            "--call-timeout",
+            "50ms",
+            "--control",
+            control_arg,
+        ],
+    );
+    let metrics = metrics_addr(&server);
+    let socket = udp_client(server.udp());
+    socket.send(b"panic").expect("send");
+    socket.send(b"loop").expect("send");
+    assert_eq!(udp_ask(&socket, b"fine"), b"fine");
+    assert!(
+        !run(&[
+            "reload",
+            "--control",
+            control_arg,
+            "--plugin",
+            "/nonexistent.wasm"
+        ])
+        .status
+        .success()
+    );
+    assert!(
+        run(&["reload", "--control", control_arg, "--plugin", "echo"])
+            .status
+            .success()
+    );
+    let version = value(
+        &scrape(metrics),
+        "wasm_echo_plugin_info",
+        &[("plugin", "trap")],
+    );
+    assert_eq!(version, Some(0.0), "the replaced version's info drops to 0");
+    let scrape = expect(
+        metrics,
+        &[
+            (
+                "wasm_echo_plugin_failures_total",
+                &[("listener", "main"), ("kind", "trap")],
+                1.0,
+            ),
+            (
+                "wasm_echo_plugin_failures_total",
+                &[("listener", "main"), ("kind", "deadline")],
+                1.0,
+            ),
+            (
+                "wasm_echo_drops_total",
+                &[("listener", "main"), ("reason", "failed")],
+                2.0,
+            ),
+            (
+                "wasm_echo_reloads_total",
+                &[("listener", "main"), ("result", "ok")],
+                1.0,
+            ),
+            (
+                "wasm_echo_reloads_total",
+                &[("listener", "main"), ("result", "failed")],
+                1.0,
+            ),
+            (
+                "wasm_echo_plugin_info",
+                &[("listener", "main"), ("plugin", "echo")],
+                1.0,
+            ),
+        ],
+    );
+    assert!(
+        value(
+            &scrape,
+            "wasm_echo_instantiation_seconds",
+            &[("listener", "main")]
+        )
+        .is_some()
+    );
+
+    let output = run(&["status", &metrics.to_string(), "--interval", "100ms"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let row = stdout
+        .lines()
+        .find(|line| line.starts_with("main "))
+        .expect("a row for main");
+    assert!(row.contains("echo@"), "{stdout}");
+    assert!(row.contains(" 1/1"), "one reload ok, one failed: {stdout}");
+}
+
+#[test]
+fn json_logs_are_json_and_name_listener_and_peer() {
+    let server = Server::start(plugins::TRAP, &["--log-format", "json"]);
+    let socket = udp_client(server.udp());
+    socket.send(b"panic").expect("send");
+    server.wait_for_log("datagram dropped");
+    let peer = socket.local_addr().expect("addr").to_string();
+    let mut found = false;
+    for line in server.stderr().lines() {
+        let entry: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let fields = &entry["fields"];
+        if fields["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("datagram dropped"))
+        {
+            assert_eq!(fields["listener"], "main");
+            assert_eq!(fields["peer"], peer.as_str());
+            assert!(
+                fields["version"]
+                    .as_str()
+                    .is_some_and(|v| v.starts_with("trap@")),
+                "{line}"
+            );
+            found = true;
+        }
+    }
+    assert!(found);
+}
+
+#[test]
+fn status_says_when_nothing_serves_metrics() {
+    let addr = crate::common::free_port().to_string();
+    let output = run(&["status", &addr]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("nothing serves metrics on"), "{stderr}");
+}
