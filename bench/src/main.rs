@@ -203,7 +203,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     }
 
     let mut memory = Vec::new();
-    for kind in Kind::ALL {
+    for kind in Kind::ALL.into_iter().filter(|_| wanted("memory")) {
         eprintln!(
             "memory: {} idle connections against {kind}",
             plan.connections

@@ -42,6 +42,10 @@ pub struct Figures {
     pub call: (u64, u64),
     /// Resident bytes per live instance that has handled one call.
     pub memory: f64,
+    /// Why the calls stopped before the number asked for, if they did: a
+    /// call that fails is a result (the instance is then dropped, as the
+    /// server would drop it), measured with the calls made until then.
+    pub call_failure: Option<String>,
 }
 
 /// The polyglot components the build script writes, by language.
@@ -96,9 +100,16 @@ pub async fn measure(
 
     let mut instance = Instance::new(&plugin, settings.clone()).await?;
     let mut times = Vec::with_capacity(sizes.calls);
+    let mut call_failure = None;
     for i in 0..sizes.calls + 100 {
         let start = Instant::now();
-        let decision = instance.on_datagram(peer, &data).await?;
+        let decision = match instance.on_datagram(peer, &data).await {
+            Ok(decision) => decision,
+            Err(error) => {
+                call_failure = Some(format!("call {} into one instance failed: {error}", i + 1));
+                break;
+            }
+        };
         if i >= 100 {
             times.push(nanos(start.elapsed()));
         }
@@ -118,6 +129,7 @@ pub async fn measure(
         instantiate,
         call,
         memory,
+        call_failure,
     })
 }
 

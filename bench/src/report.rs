@@ -300,4 +300,10 @@ pub fn print(
         native_call.0 as f64 / 1e3,
         native_call.1 as f64 / 1e3
     );
+    for f in plugins {
+        if let Some(failure) = &f.call_failure {
+            println!();
+            println!("{}: {failure}", f.label);
+        }
+    }
 }
