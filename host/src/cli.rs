@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::client::{self, Exchange};
 use crate::config::{
@@ -271,13 +272,8 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     // The instance pool is sized once, for every listener's limits.
     let runtime = Arc::new(Runtime::for_config(&config)?);
     let server = Server::bind(&runtime, config, origin).await?;
-    // Scripts and tests read these lines to learn the real ports.
-    for (name, protocol, addr) in server.local_addrs() {
-        println!("listening {protocol} {addr} {name}");
-    }
-    if let Some(addr) = metrics {
-        println!("listening metrics {addr}");
-    }
+    // Everything that answers from outside (control socket, watcher,
+    // signals) is ready before the `listening` lines say the server is.
     let reloader = Arc::new(Reloader::new(runtime, server.tenants().to_vec()));
     match ControlSocket::bind(&control) {
         Ok(socket) => {
@@ -294,23 +290,29 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+    tokio::spawn(reload_on_sighup(hangups, reloader));
+    let interrupt = signal(SignalKind::interrupt()).context("listening for Ctrl-C")?;
+    let terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
     let shutdown = server.shutdown_token();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        wait_for_signal(interrupt, terminate).await;
         tracing::info!("shutting down: no new connections; open ones may finish");
         shutdown.cancel();
     });
-    tokio::spawn(reload_on_sighup(reloader));
+    // Scripts and tests read these lines to learn the real ports.
+    for (name, protocol, addr) in server.local_addrs() {
+        println!("listening {protocol} {addr} {name}");
+    }
+    if let Some(addr) = metrics {
+        println!("listening metrics {addr}");
+    }
     server.run().await;
     Ok(ExitCode::SUCCESS)
 }
 
 /// SIGHUP reloads every listener's plugin from its file.
-async fn reload_on_sighup(reloader: Arc<Reloader>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        return;
-    };
+async fn reload_on_sighup(mut hangups: Signal, reloader: Arc<Reloader>) {
     while hangups.recv().await.is_some() {
         if let Err(error) = reloader.reload(None, None).await {
             tracing::warn!("reload on SIGHUP failed, nothing changed: {error}");
@@ -365,27 +367,12 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+/// Resolves on Ctrl-C or SIGTERM (registered before the server announces
+/// itself, so an early signal is never the default, fatal one).
+async fn wait_for_signal(mut interrupt: Signal, mut terminate: Signal) {
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
     }
 }
 

@@ -47,10 +47,13 @@ fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> 
         })
 }
 
+/// A series (name and some of its labels) and the value it should have.
+type Expectation<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
 /// Waits until every expectation holds (counters are bumped just after a
 /// reply leaves, so a scrape may briefly lag the client), then returns the
 /// scrape; fails with the last values if they never do.
-fn expect(addr: SocketAddr, expected: &[(&str, &[(&str, &str)], f64)]) -> Scrape {
+fn expect(addr: SocketAddr, expected: &[Expectation]) -> Scrape {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let scrape = scrape(addr);
