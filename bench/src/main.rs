@@ -17,6 +17,7 @@
 mod load;
 mod memory;
 mod plugin;
+mod reload;
 mod report;
 mod targets;
 
@@ -50,7 +51,8 @@ struct Cli {
     #[arg(long, value_name = "N")]
     connections: Option<usize>,
     /// Run only the parts named (for profiling): udp-ping, udp-flood,
-    /// tcp-ping, tcp-stream, tcp-churn, memory, plugin. Repeatable.
+    /// tcp-ping, tcp-stream, tcp-churn, memory, plugin, reload (hot-reload
+    /// latency and throughput during swaps). Repeatable.
     #[arg(long, value_name = "PART")]
     only: Vec<String>,
     #[command(subcommand)]
@@ -185,6 +187,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         figures.push(measured);
     }
     let native_call = plugin::native_call(plan.plugin.calls);
+    let reloads = if wanted("reload") {
+        Some(reload::measure(&clients, reload::Sizes::new(cli.quick))?)
+    } else {
+        None
+    };
 
     let workloads: Vec<Workload> = Workload::ALL
         .into_iter()
@@ -219,6 +226,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         &figures,
         native_call,
     );
+    if let Some(reloads) = &reloads {
+        reload::print(reloads);
+    }
     println!();
     println!(
         "Finished in {:.0} s; load average at the end: {}",
