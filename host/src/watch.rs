@@ -1,8 +1,9 @@
 //! `serve --watch`: reloads a listener when its plugin file changes. Editors
 //! and build tools either write a file in place or write a new one and
-//! rename it over the old; watching the file's folder sees both. Events are
-//! debounced (a reload waits until the file has been quiet for
-//! [`DEBOUNCE`]) and every reload validates the new bytes, so a half-written
+//! rename it over the old; watching the file's folder sees both. A file
+//! renamed into place is whole, so it is reloaded at once (after
+//! [`SETTLE`]); a file written in place is reloaded once it has been quiet
+//! for [`DEBOUNCE`]. Every reload validates the new bytes, so a half-written
 //! file is never swapped in.
 
 use std::collections::HashMap;
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use notify::event::ModifyKind;
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -19,6 +21,10 @@ use crate::reload::Reloader;
 
 /// How long a plugin file must stay unchanged before it is reloaded.
 pub const DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// How long a reload waits after a file is renamed into place, so that the
+/// events of one rename are handled once.
+pub const SETTLE: Duration = Duration::from_millis(5);
 
 /// Starts watching every listener's plugin file. Keep the returned watcher
 /// alive for as long as watching should go on.
@@ -35,16 +41,16 @@ pub fn spawn(reloader: Arc<Reloader>) -> anyhow::Result<notify::RecommendedWatch
     if files.is_empty() {
         tracing::warn!("--watch: no listener runs a plugin file (built-in plugins never change)");
     }
-    let (changed, mut changes) = mpsc::unbounded_channel::<PathBuf>();
+    let (changed, mut changes) = mpsc::unbounded_channel::<(PathBuf, Duration)>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        if matches!(
-            event.kind,
-            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
-        ) {
-            for path in event.paths {
-                let _ = changed.send(path);
-            }
+        let wait = match event.kind {
+            EventKind::Modify(ModifyKind::Name(_)) => SETTLE,
+            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => DEBOUNCE,
+            _ => return,
+        };
+        for path in event.paths {
+            let _ = changed.send((path, wait));
         }
     })
     .context("starting the file watcher")?;
@@ -63,10 +69,10 @@ pub fn spawn(reloader: Arc<Reloader>) -> anyhow::Result<notify::RecommendedWatch
         loop {
             let next = due.values().min().copied();
             tokio::select! {
-                path = changes.recv() => {
-                    let Some(path) = path else { break };
+                change = changes.recv() => {
+                    let Some((path, wait)) = change else { break };
                     for (listener, _) in files.iter().filter(|(_, file)| *file == path) {
-                        due.insert(listener.clone(), Instant::now() + DEBOUNCE);
+                        due.insert(listener.clone(), Instant::now() + wait);
                     }
                 }
                 () = sleep_until(next) => {
