@@ -14,6 +14,7 @@
 //! take turns within each round, so drift on a shared machine hits them
 //! alike.
 
+mod hostile;
 mod load;
 mod memory;
 mod plugin;
@@ -52,7 +53,8 @@ struct Cli {
     connections: Option<usize>,
     /// Run only the parts named (for profiling): udp-ping, udp-flood,
     /// tcp-ping, tcp-stream, tcp-churn, memory, plugin, reload (hot-reload
-    /// latency and throughput during swaps). Repeatable.
+    /// latency and throughput during swaps), hostile (a good tenant's
+    /// latency beside each hostile one; run only when named). Repeatable.
     #[arg(long, value_name = "PART")]
     only: Vec<String>,
     #[command(subcommand)]
@@ -193,6 +195,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         None
     };
 
+    let hostile = if cli.only.iter().any(|only| only == "hostile") {
+        Some(hostile::measure(&clients, hostile::Sizes::new(cli.quick))?)
+    } else {
+        None
+    };
+
     let workloads: Vec<Workload> = Workload::ALL
         .into_iter()
         .filter(|workload| wanted(workload.part()))
@@ -228,6 +236,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     );
     if let Some(reloads) = &reloads {
         reload::print(reloads);
+    }
+    if let Some(hostile) = &hostile {
+        hostile::print(hostile);
     }
     println!();
     println!(
