@@ -491,10 +491,7 @@ pub fn print(figures: &Figures) {
         "| … of which the watcher's settle after a rename | {0:.1} | {0:.1} | |",
         settle.as_secs_f64() * 1e3
     );
-    row(
-        "… the rest (rename to reply, less the settle)",
-        &unsettled,
-    );
+    row("… the rest (rename to reply, less the settle)", &unsettled);
     row(
         "from a `reload` request on the control socket",
         &figures.by_control,

@@ -92,7 +92,12 @@ impl HostState {
         if self.call_started.elapsed() >= timeout {
             Err(wasmtime::Error::new(DeadlineExceeded(timeout)))
         } else {
-            Ok(UpdateDeadline::Yield(1))
+            // tokio's own yield goes to the back of the run queue; a plain
+            // wake-up would be polled again at once and starve the others.
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
         }
     }
 

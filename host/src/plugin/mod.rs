@@ -192,6 +192,9 @@ pub struct Plugin {
     pre: bindings::PluginPre<host::HostState>,
     /// Live instances of this version; see [`Plugin::instances`].
     instances: AtomicUsize,
+    /// Keeps the epoch ticker (every call's deadline) running while this
+    /// plugin can run.
+    _ticker: Arc<runtime::Ticker>,
 }
 
 impl Plugin {

@@ -146,7 +146,21 @@ impl Default for PoolSize {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
-    ticker_stop: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
+}
+
+/// The epoch ticker's off switch. The runtime and every plugin it loaded
+/// hold it, so deadlines keep being enforced for as long as any plugin can
+/// still run, even after the `Runtime` itself is gone.
+#[derive(Debug)]
+pub(super) struct Ticker {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Runtime {
@@ -231,7 +245,7 @@ impl Runtime {
         Ok(Self {
             engine,
             linker,
-            ticker_stop,
+            ticker: Arc::new(Ticker { stop: ticker_stop }),
         })
     }
 
@@ -289,13 +303,8 @@ impl Runtime {
             component,
             pre,
             instances: AtomicUsize::new(0),
+            _ticker: self.ticker.clone(),
         })
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
     }
 }
 
