@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::Path;
 use std::time::Duration;
 
@@ -159,7 +160,7 @@ struct FileListener {
     udp: Option<SocketAddr>,
     tcp: Option<SocketAddr>,
     #[serde(default)]
-    framing: Option<FileFraming>,
+    framing: Option<Framing>,
     #[serde(default, deserialize_with = "size")]
     max_message: Option<usize>,
     honor_stop: Option<bool>,
@@ -181,24 +182,6 @@ struct FileListener {
     log_rate: Option<u32>,
     #[serde(default)]
     plugin_config: BTreeMap<String, String>,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum FileFraming {
-    Raw,
-    Lines,
-    LengthPrefixed,
-}
-
-impl From<FileFraming> for Framing {
-    fn from(framing: FileFraming) -> Self {
-        match framing {
-            FileFraming::Raw => Self::Raw,
-            FileFraming::Lines => Self::Lines,
-            FileFraming::LengthPrefixed => Self::LengthPrefixed,
-        }
-    }
 }
 
 /// The default grace period for open connections.
@@ -310,38 +293,14 @@ impl FileListener {
         }
         let defaults = Limits::default();
         let traffic = TrafficLimits::default();
-        let check = |field: &str, value: usize, range: std::ops::RangeInclusive<usize>| {
-            if range.contains(&value) {
-                Ok(value)
-            } else {
-                Err(ConfigError::at(
-                    path,
-                    &key(field),
-                    format!(
-                        "{value} is out of range ({} to {})",
-                        range.start(),
-                        range.end()
-                    ),
-                ))
-            }
+        let check = |field: &str, value: usize, range: RangeInclusive<usize>| {
+            in_range(value, range, |v| *v)
+                .map_err(|reason| ConfigError::at(path, &key(field), reason))
         };
-        let check_duration =
-            |field: &str, value: Duration, range: std::ops::RangeInclusive<Duration>| {
-                if range.contains(&value) {
-                    Ok(value)
-                } else {
-                    Err(ConfigError::at(
-                        path,
-                        &key(field),
-                        format!(
-                            "{} is out of range ({} to {})",
-                            humantime::format_duration(value),
-                            humantime::format_duration(*range.start()),
-                            humantime::format_duration(*range.end())
-                        ),
-                    ))
-                }
-            };
+        let check_duration = |field: &str, value: Duration, range: RangeInclusive<Duration>| {
+            in_range(value, range, |v| humantime::format_duration(*v))
+                .map_err(|reason| ConfigError::at(path, &key(field), reason))
+        };
         let limits = Limits {
             call_timeout: check_duration(
                 "call-timeout",
@@ -412,7 +371,7 @@ impl FileListener {
             plugin_config: self.plugin_config,
             udp: self.udp,
             tcp: self.tcp,
-            framing: self.framing.map(Framing::from).unwrap_or_default(),
+            framing: self.framing.unwrap_or_default(),
             max_message: check(
                 "max-message",
                 self.max_message.unwrap_or(DEFAULT_MAX_MESSAGE),
@@ -424,6 +383,25 @@ impl FileListener {
             on_failure: self.on_failure.unwrap_or_default(),
             name,
         })
+    }
+}
+
+/// `value` if it lies in `range`, or the reason it does not, with the
+/// values shown by `show`.
+fn in_range<T: PartialOrd, S: fmt::Display>(
+    value: T,
+    range: RangeInclusive<T>,
+    show: impl Fn(&T) -> S,
+) -> Result<T, String> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{} is out of range ({} to {})",
+            show(&value),
+            show(range.start()),
+            show(range.end())
+        ))
     }
 }
 

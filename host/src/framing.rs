@@ -14,7 +14,8 @@ use tokio_util::codec::{AnyDelimiterCodec, BytesCodec, Decoder, LengthDelimitedC
 use crate::plugin;
 
 /// The framing modes a TCP listener can use.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Framing {
     /// Each chunk read from the socket is one message, as in the documents.
     #[default]

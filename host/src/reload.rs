@@ -202,7 +202,8 @@ impl Reloader {
                     });
                 }
             };
-            if plugin.digest() != current.digest() || plugin.name() != current.name() {
+            let changed = plugin.digest() != current.digest() || plugin.name() != current.name();
+            if changed {
                 tenant
                     .try_start(&plugin)
                     .await
@@ -212,12 +213,11 @@ impl Reloader {
                         reason: error.to_string(),
                     })?;
             }
-            ready.push((tenant, current, plugin));
+            ready.push((tenant, current, plugin, changed));
         }
 
         let mut swaps = Vec::new();
-        for (tenant, current, plugin) in ready {
-            let swapped = plugin.digest() != current.digest() || plugin.name() != current.name();
+        for (tenant, current, plugin, swapped) in ready {
             if swapped {
                 tenant.swap(plugin.clone());
             }
