@@ -8,7 +8,7 @@
 //! bounds the size of a message, and names what went wrong. Reading the
 //! socket is the TCP listener's business.
 
-use tokio_util::bytes::{BufMut, Bytes, BytesMut};
+use tokio_util::bytes::{Buf, Bytes, BytesMut};
 use tokio_util::codec::{AnyDelimiterCodec, BytesCodec, Decoder, LengthDelimitedCodec};
 
 use crate::plugin;
@@ -150,32 +150,61 @@ fn strip_cr(line: Bytes) -> Bytes {
     }
 }
 
-/// Frames `reply` for the wire into `out` (cleared first). `raw` sends the
-/// bytes as they are, `lines` appends a `\n` unless the reply ends with one,
-/// `length-prefixed` puts the big-endian u32 length first.
-///
-/// # Errors
-///
-/// A reply longer than `u32::MAX` bytes cannot be length-prefixed.
-pub fn frame_reply(framing: Framing, reply: &[u8], out: &mut BytesMut) -> Result<(), FrameError> {
-    out.clear();
-    match framing {
-        Framing::Raw => out.extend_from_slice(reply),
-        Framing::Lines => {
-            out.extend_from_slice(reply);
-            if reply.last() != Some(&b'\n') {
-                out.put_u8(b'\n');
+/// A reply framed for the wire: what goes before it, the reply itself, and
+/// what goes after it. It is written with one vectored write, so the reply
+/// is never copied into a frame buffer. `raw` sends the bytes as they are,
+/// `lines` appends a `\n` unless the reply ends with one, `length-prefixed`
+/// puts the big-endian u32 length first.
+#[derive(Debug)]
+pub struct Framed<'a> {
+    head: [u8; 4],
+    head_len: usize,
+    body: &'a [u8],
+    tail: &'static [u8],
+}
+
+impl<'a> Framed<'a> {
+    /// Frames `reply` for `framing`.
+    ///
+    /// # Errors
+    ///
+    /// A reply longer than `u32::MAX` bytes cannot be length-prefixed.
+    pub fn new(framing: Framing, reply: &'a [u8]) -> Result<Self, FrameError> {
+        let mut framed = Self {
+            head: [0; 4],
+            head_len: 0,
+            body: reply,
+            tail: b"",
+        };
+        match framing {
+            Framing::Raw => {}
+            Framing::Lines if reply.last() == Some(&b'\n') => {}
+            Framing::Lines => framed.tail = b"\n",
+            Framing::LengthPrefixed => {
+                let len = u32::try_from(reply.len()).map_err(|_| FrameError::TooLong {
+                    max: u32::MAX as usize,
+                })?;
+                framed.head = len.to_be_bytes();
+                framed.head_len = 4;
             }
         }
-        Framing::LengthPrefixed => {
-            let len = u32::try_from(reply.len()).map_err(|_| FrameError::TooLong {
-                max: u32::MAX as usize,
-            })?;
-            out.put_u32(len);
-            out.extend_from_slice(reply);
-        }
+        Ok(framed)
     }
-    Ok(())
+
+    /// The bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.head_len + self.body.len() + self.tail.len()
+    }
+
+    /// Whether nothing goes on the wire (an empty `raw` reply).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The frame as one buffer of up to three pieces.
+    pub fn as_buf(&self) -> impl Buf + '_ {
+        self.head[..self.head_len].chain(self.body).chain(self.tail)
+    }
 }
 
 #[cfg(test)]
@@ -238,14 +267,17 @@ mod tests {
 
     #[test]
     fn replies_are_framed_like_requests() {
-        let mut out = BytesMut::new();
-        frame_reply(Framing::Lines, b"hi", &mut out).expect("framed");
-        assert_eq!(&out[..], b"hi\n");
-        frame_reply(Framing::Lines, b"hi\n", &mut out).expect("framed");
-        assert_eq!(&out[..], b"hi\n");
-        frame_reply(Framing::LengthPrefixed, b"hi", &mut out).expect("framed");
-        assert_eq!(&out[..], b"\0\0\0\x02hi");
-        frame_reply(Framing::Raw, b"hi", &mut out).expect("framed");
-        assert_eq!(&out[..], b"hi");
+        let wire = |framing, reply: &[u8]| {
+            let framed = Framed::new(framing, reply).expect("framed");
+            let mut buf = framed.as_buf();
+            let bytes = buf.copy_to_bytes(buf.remaining());
+            assert_eq!(bytes.len(), framed.len());
+            bytes
+        };
+        assert_eq!(&wire(Framing::Lines, b"hi")[..], b"hi\n");
+        assert_eq!(&wire(Framing::Lines, b"hi\n")[..], b"hi\n");
+        assert_eq!(&wire(Framing::LengthPrefixed, b"hi")[..], b"\0\0\0\x02hi");
+        assert_eq!(&wire(Framing::LengthPrefixed, b"")[..], b"\0\0\0\0");
+        assert_eq!(&wire(Framing::Raw, b"hi")[..], b"hi");
     }
 }

@@ -11,6 +11,7 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,6 +73,9 @@ pub struct Tenant {
     rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
     connections: Arc<Semaphore>,
     backoff: Mutex<Backoff>,
+    /// Whether the last call failed: a success only takes the backoff's
+    /// lock after a failure, not on every message.
+    failing: AtomicBool,
 }
 
 impl fmt::Debug for Tenant {
@@ -116,6 +120,7 @@ impl Tenant {
             rate,
             connections,
             backoff: Mutex::new(Backoff::default()),
+            failing: AtomicBool::new(false),
             config,
         }
     }
@@ -211,6 +216,12 @@ impl Tenant {
             .is_none_or(|rate| rate.check_key(&ip).is_ok())
     }
 
+    /// Whether the tenant has a per-peer rate limit, so TCP messages must
+    /// wait for [`Tenant::pace`].
+    pub fn paces_messages(&self) -> bool {
+        self.rate.is_some()
+    }
+
     /// Waits until a message from `ip` is within the rate limit (TCP: the
     /// connection is simply read more slowly).
     pub async fn pace(&self, ip: IpAddr) {
@@ -276,6 +287,7 @@ impl Tenant {
 
     /// Notes a failed call; repeated failures delay the next instance.
     pub fn record_failure(&self) {
+        self.failing.store(true, Ordering::Relaxed);
         if let Ok(mut backoff) = self.backoff.lock() {
             backoff.failed();
         }
@@ -283,6 +295,9 @@ impl Tenant {
 
     /// Notes a successful call.
     pub fn record_success(&self) {
+        if !self.failing.swap(false, Ordering::Relaxed) {
+            return;
+        }
         if let Ok(mut backoff) = self.backoff.lock() {
             backoff.succeeded();
         }

@@ -69,3 +69,60 @@ fn two_hundred_concurrent_clients_each_get_their_own_answers() {
         client.join().expect("a client failed");
     }
 }
+
+/// Datagrams that queue up are read and answered in batches: each burst
+/// here is sent without waiting, from several sockets at once, and every
+/// sender must get back exactly its own datagrams.
+#[test]
+fn bursts_from_many_peers_each_come_back_to_their_sender() {
+    let server = Server::start("echo", &[]);
+    let addr = server.udp();
+    let peers: Vec<_> = (0..8)
+        .map(|peer| {
+            thread::spawn(move || {
+                let socket = udp_client(addr);
+                let mut buf = [0u8; 256];
+                // Bursts of 20: together under a default socket buffer, so
+                // nothing is lost on loopback.
+                for burst in 0..5 {
+                    let sent: Vec<String> = (0..20)
+                        .map(|seq| format!("peer {peer} burst {burst} datagram {seq}"))
+                        .collect();
+                    for message in &sent {
+                        socket.send(message.as_bytes()).expect("send");
+                    }
+                    let mut received: Vec<String> = (0..sent.len())
+                        .map(|_| {
+                            let len = socket.recv(&mut buf).expect("a reply in the burst");
+                            String::from_utf8_lossy(&buf[..len]).into_owned()
+                        })
+                        .collect();
+                    received.sort();
+                    let mut expected = sent.clone();
+                    expected.sort();
+                    assert_eq!(received, expected, "peer {peer}, burst {burst}");
+                }
+            })
+        })
+        .collect();
+    for peer in peers {
+        peer.join().expect("a peer failed");
+    }
+}
+
+#[test]
+fn ipv6_datagrams_are_answered_to_their_ipv6_sender() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback on this machine; nothing to test");
+        return;
+    }
+    let server = Server::with_args(&["--plugin", "echo", "--udp", "[::1]:0"]);
+    let socket = std::net::UdpSocket::bind("[::1]:0").expect("bind ::1");
+    socket.connect(server.udp()).expect("connect");
+    socket
+        .set_read_timeout(Some(crate::common::PATIENCE))
+        .expect("timeout");
+    for message in [&b"over IPv6"[..], &[7u8; 1400]] {
+        assert_eq!(udp_ask(&socket, message), message);
+    }
+}

@@ -6,5 +6,6 @@
 //! Which sockets to bind and when the process ends is the server's
 //! business; what a tenant allows is the tenant's.
 
+mod datagrams;
 pub mod tcp;
 pub mod udp;

@@ -11,17 +11,19 @@
 //! their exchange for a grace period, then they are closed.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 use tokio_util::bytes::{Bytes, BytesMut};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
-use crate::framing::{FrameError, MessageReader, frame_reply};
+use crate::framing::{FrameError, Framed, MessageReader};
 use crate::metrics::CloseReason;
 use crate::plugin::{CallError, Connection, Decision, Next, endpoint};
 use crate::tenant::{Session, Tenant};
@@ -72,8 +74,7 @@ pub async fn serve(
             peer,
             tenant: tenant.clone(),
             stop: stop.clone(),
-            hard_stop: hard_stop.clone(),
-            reply: BytesMut::new(),
+            hard_stop: Box::pin(hard_stop.clone().cancelled_owned()),
             _permit: permit,
         };
         connections.spawn(connection.run());
@@ -112,10 +113,10 @@ struct ConnectionTask {
     tenant: Arc<Tenant>,
     /// Cancelled to stop the listener (the plugin's `stop-listener`).
     stop: CancellationToken,
-    /// Cancelled when the grace period is over.
-    hard_stop: CancellationToken,
-    /// The framed reply, reused across messages.
-    reply: BytesMut,
+    /// Completes when the grace period is over. Made once per connection:
+    /// a fresh `cancelled()` per read or write would register and unregister
+    /// a waiter (a lock each) every time.
+    hard_stop: Pin<Box<WaitForCancellationFutureOwned>>,
     /// This connection's place under the tenant's `max-connections`.
     _permit: OwnedSemaphorePermit,
 }
@@ -218,6 +219,13 @@ impl ConnectionTask {
             MessageReader::new(self.tenant.config.framing, self.tenant.config.max_message);
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut peer_closed = false;
+        // The idle timer is set once and only moved when it fires after
+        // activity, rather than re-armed (a trip through tokio's timer
+        // wheel) on every read.
+        let idle_timeout = self.tenant.traffic().idle_timeout;
+        let mut last_read = Instant::now();
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
         loop {
             let next = if peer_closed {
                 reader.next_at_eof(&mut buf)
@@ -237,13 +245,20 @@ impl ConnectionTask {
             }
             buf.reserve(READ_CHUNK);
             let read = tokio::select! {
-                () = self.hard_stop.cancelled() => return End::Shutdown,
-                () = tokio::time::sleep(self.tenant.traffic().idle_timeout) => return End::Idle,
+                () = &mut self.hard_stop => return End::Shutdown,
+                () = &mut idle => {
+                    let deadline = last_read + idle_timeout;
+                    if deadline <= Instant::now() {
+                        return End::Idle;
+                    }
+                    idle.as_mut().reset(deadline);
+                    continue;
+                }
                 read = self.stream.read_buf(&mut buf) => read,
             };
             match read {
                 Ok(0) => peer_closed = true,
-                Ok(_) => {}
+                Ok(_) => last_read = Instant::now(),
                 Err(error) => return End::Io(error),
             }
         }
@@ -252,9 +267,11 @@ impl ConnectionTask {
     /// Hands one message to the plugin, within the peer's rate limit, and
     /// carries out the decision. Says whether the connection ends here.
     async fn deliver(&mut self, session: &mut Session, message: Bytes) -> Option<End> {
-        tokio::select! {
-            () = self.hard_stop.cancelled() => return Some(End::Shutdown),
-            () = self.tenant.pace(self.peer.ip()) => {}
+        if self.tenant.paces_messages() {
+            tokio::select! {
+                () = &mut self.hard_stop => return Some(End::Shutdown),
+                () = self.tenant.pace(self.peer.ip()) => {}
+            }
         }
         self.tenant.metrics.message_in(message.len());
         match session.on_message(&message).await {
@@ -333,16 +350,18 @@ impl ConnectionTask {
 
     /// Frames and writes one reply.
     async fn send(&mut self, reply: &[u8]) -> Option<End> {
-        if let Err(error) = frame_reply(self.tenant.config.framing, reply, &mut self.reply) {
-            return Some(End::Protocol(error));
-        }
+        let framed = match Framed::new(self.tenant.config.framing, reply) {
+            Ok(framed) => framed,
+            Err(error) => return Some(End::Protocol(error)),
+        };
+        let mut wire = framed.as_buf();
         let written = tokio::select! {
-            () = self.hard_stop.cancelled() => return Some(End::Shutdown),
-            written = self.stream.write_all(&self.reply) => written,
+            () = &mut self.hard_stop => return Some(End::Shutdown),
+            written = self.stream.write_all_buf(&mut wire) => written,
         };
         match written {
             Ok(()) => {
-                self.tenant.metrics.message_out(self.reply.len());
+                self.tenant.metrics.message_out(framed.len());
                 None
             }
             Err(error) => Some(End::Io(error)),

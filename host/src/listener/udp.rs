@@ -9,11 +9,12 @@
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
+use super::datagrams::{Inbox, Outbox};
 use crate::metrics::NoReply;
 use crate::plugin::Next;
 use crate::tenant::{Session, Tenant};
@@ -21,26 +22,30 @@ use crate::tenant::{Session, Tenant};
 /// The largest payload a UDP datagram can carry over IPv4.
 pub const MAX_DATAGRAM: usize = 65_507;
 
-/// Datagrams handled one after another before the listener checks for
-/// shutdown and housekeeping again.
-const BATCH: usize = 64;
-
 /// How often the per-peer rate limiter forgets quiet peers.
 const HOUSEKEEPING: Duration = Duration::from_secs(60);
 
+/// The longest a reply waits for the rest of its batch to be handled: a
+/// slow plugin's first replies go out without waiting for 32 calls.
+const FLUSH_AFTER: Duration = Duration::from_micros(200);
+
 /// Serves `socket` until the plugin stops the listener or `shutdown` fires.
+///
+/// Datagrams are read in batches (see [`super::datagrams`]): each batch is
+/// handled in order, one plugin call per datagram, and its replies are sent
+/// together before the next batch is read (or sooner, see [`FLUSH_AFTER`]).
 pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: CancellationToken) {
     let local = socket.local_addr().ok();
-    // One buffer for the listener's life: a datagram is handled before the
-    // next one is read.
-    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut inbox = Inbox::new();
+    let mut outbox = Outbox::default();
     let mut session: Option<Session> = None;
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
-    // Made once: a fresh `cancelled()` per datagram would register and
+    // Made once: a fresh `cancelled()` per batch would register and
     // unregister a waiter (a lock each) every time round.
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
-    'serving: loop {
+    let mut stopped = false;
+    while !stopped {
         tokio::select! {
             () = &mut cancelled => break,
             _ = housekeeping.tick() => {
@@ -52,48 +57,72 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
                 continue;
             },
         }
-        // Handle what has queued up before waiting again, up to a batch, so
-        // a busy listener pays for the wait once per batch rather than once
-        // per datagram and still checks for shutdown between batches.
-        for _ in 0..BATCH {
-            let (len, peer) = match socket.try_recv_from(&mut buf) {
-                Ok(received) => received,
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(error) => {
-                    // ICMP errors from earlier replies surface here on some
-                    // systems; they concern one peer, not the listener.
-                    tracing::debug!(%error, "udp receive failed");
-                    continue;
-                }
-            };
-            tenant.metrics.datagram_in(len);
+        match inbox.receive(&socket) {
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(error) => {
+                // ICMP errors from earlier replies surface here on some
+                // systems; they concern one peer, not the listener.
+                tracing::debug!(%error, "udp receive failed");
+                continue;
+            }
+        }
+        let mut waiting_since = Instant::now();
+        let mut index = 0;
+        while let Some((peer, data)) = inbox.get(index) {
+            index += 1;
+            tenant.metrics.datagram_in(data.len());
             if !tenant.admit_message(peer.ip()) {
                 tenant.metrics.dropped(NoReply::RateLimit);
                 tracing::debug!(listener = tenant.name(), %peer, "datagram dropped: rate limit");
                 continue;
             }
-            if handle(&socket, &tenant, &mut session, peer, &buf[..len]).await
+            if handle(&tenant, &mut session, &mut outbox, peer, data).await
                 == Some(Next::StopListener)
             {
                 if tenant.config.honor_stop {
                     tracing::info!(listener = tenant.name(), %peer, "plugin stopped the udp listener");
-                    break 'serving;
+                    // The rest of the batch goes unanswered, as datagrams
+                    // still queued on the socket would.
+                    stopped = true;
+                    break;
                 }
                 tracing::warn!(listener = tenant.name(), %peer, "plugin asked to stop the listener; ignored (honor-stop = false)");
             }
+            if !outbox.is_empty() && waiting_since.elapsed() >= FLUSH_AFTER {
+                flush(&socket, &tenant, &mut outbox).await;
+                waiting_since = Instant::now();
+            }
         }
+        flush(&socket, &tenant, &mut outbox).await;
     }
     if let Some(local) = local {
         tracing::info!(listener = tenant.name(), "udp listener on {local} stopped");
     }
 }
 
+/// Sends the queued replies, counting them.
+async fn flush(socket: &UdpSocket, tenant: &Tenant, outbox: &mut Outbox) {
+    outbox
+        .flush(socket, |sent| match sent {
+            Ok(len) => tenant.metrics.datagram_out(len),
+            Err(unsent) => tracing::warn!(
+                listener = tenant.name(),
+                peer = %unsent.peer,
+                "reply of {} bytes not sent: {}",
+                unsent.len,
+                unsent.error
+            ),
+        })
+        .await;
+}
+
 /// Runs one datagram through the plugin and sends the reply. Returns what
 /// the plugin wants next, or `None` when the message failed.
 async fn handle(
-    socket: &UdpSocket,
     tenant: &Tenant,
     session: &mut Option<Session>,
+    outbox: &mut Outbox,
     peer: SocketAddr,
     data: &[u8],
 ) -> Option<Next> {
@@ -108,14 +137,13 @@ async fn handle(
         Some(live) => live,
         None if !tenant.may_instantiate() => {
             fail(
-                socket,
+                outbox,
                 tenant,
                 peer,
                 data,
                 &tenant.version_label(),
                 "plugin is backing off after repeated failures",
-            )
-            .await;
+            );
             return None;
         }
         None => match tenant.session().await {
@@ -123,14 +151,13 @@ async fn handle(
             Err(error) => {
                 tenant.record_failure();
                 fail(
-                    socket,
+                    outbox,
                     tenant,
                     peer,
                     data,
                     &tenant.version_label(),
                     format!("instantiation failed: {error}"),
-                )
-                .await;
+                );
                 return None;
             }
         },
@@ -142,26 +169,26 @@ async fn handle(
             *session = None;
             tenant.record_failure();
             tenant.metrics.failed(&version, &error);
-            fail(socket, tenant, peer, data, &version, error).await;
+            fail(outbox, tenant, peer, data, &version, error);
             return None;
         }
     };
     tenant.record_success();
-    if let Some(reply) = &decision.reply {
-        if let Err(reason) = tenant.vet_reply(reply, Some(data.len())) {
+    if let Some(reply) = decision.reply {
+        if let Err(reason) = tenant.vet_reply(&reply, Some(data.len())) {
             tenant.metrics.failure(&live.version(), "reply");
-            fail(socket, tenant, peer, data, &live.version(), reason).await;
+            fail(outbox, tenant, peer, data, &live.version(), reason);
             return None;
         }
-        send(socket, tenant, peer, reply).await;
+        outbox.push(peer, reply);
     }
     Some(decision.next)
 }
 
 /// A failed datagram: logged, and answered with its own bytes if the tenant
 /// fails open.
-async fn fail(
-    socket: &UdpSocket,
+fn fail(
+    outbox: &mut Outbox,
     tenant: &Tenant,
     peer: SocketAddr,
     data: &[u8],
@@ -172,19 +199,10 @@ async fn fail(
     match tenant.failure_reply(data) {
         Some(echo) => {
             tracing::warn!(listener = tenant.name(), version, %peer, "datagram failed, echoed (fail-open): {reason}");
-            send(socket, tenant, peer, echo).await;
+            outbox.push(peer, echo.to_vec());
         }
         None => {
             tracing::warn!(listener = tenant.name(), version, %peer, "datagram dropped: {reason}")
-        }
-    }
-}
-
-async fn send(socket: &UdpSocket, tenant: &Tenant, peer: SocketAddr, reply: &[u8]) {
-    match socket.send_to(reply, peer).await {
-        Ok(sent) => tenant.metrics.datagram_out(sent),
-        Err(error) => {
-            tracing::warn!(listener = tenant.name(), %peer, "reply of {} bytes not sent: {error}", reply.len());
         }
     }
 }

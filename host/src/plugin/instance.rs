@@ -53,6 +53,10 @@ pub struct Instance {
     store: Store<HostState>,
     bindings: bindings::Plugin,
     plugin: Arc<Plugin>,
+    /// The last datagram's sender as the plugin sees it: formatting an
+    /// address costs more than the call it goes with, and a listener's
+    /// datagrams mostly come from the same few peers.
+    last_peer: Option<(SocketAddr, Endpoint)>,
 }
 
 impl Instance {
@@ -78,6 +82,7 @@ impl Instance {
             store,
             bindings,
             plugin: plugin.clone(),
+            last_peer: None,
         })
     }
 
@@ -97,10 +102,16 @@ impl Instance {
         data: &[u8],
     ) -> Result<Decision, CallError> {
         start_call(&mut self.store, Some(peer));
+        let sender = match &mut self.last_peer {
+            Some((last, sender)) if last.ip() == peer.ip() => {
+                *last = peer;
+                sender.port = peer.port();
+                sender
+            }
+            last => &last.insert((peer, endpoint(peer))).1,
+        };
         let udp = self.bindings.wasm_echo_plugin_udp();
-        Ok(udp
-            .call_on_datagram(&mut self.store, &endpoint(peer), data)
-            .await?)
+        Ok(udp.call_on_datagram(&mut self.store, sender, data).await?)
     }
 
     /// Tells the plugin its connection is open.
