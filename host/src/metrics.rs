@@ -57,8 +57,23 @@ pub async fn serve(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
     let bound = listener
         .local_addr()
         .context("reading the metrics address")?;
+    tokio::spawn(upkeep(handle.clone()));
     tokio::spawn(answer_scrapes(listener, handle));
     Ok(bound)
+}
+
+/// How often histogram samples are folded into their buckets.
+const UPKEEP: Duration = Duration::from_secs(5);
+
+/// Folds recorded histogram samples into their buckets now and then. The
+/// recorder queues every sample until then: without this, a server nobody
+/// scrapes would hold every call's timing forever (8 bytes a message).
+async fn upkeep(handle: PrometheusHandle) {
+    let mut every = tokio::time::interval(UPKEEP);
+    loop {
+        every.tick().await;
+        handle.run_upkeep();
+    }
 }
 
 /// The HTTP side, just enough for a scraper: every `GET /metrics` gets the
