@@ -123,9 +123,11 @@ fn addrs_of(server: &Server) -> anyhow::Result<Addrs> {
 }
 
 /// The plain tokio echo server: what a user would write instead of
-/// wasm-echo. Its buffers are as large as wasm-echo's (16 KiB per TCP read,
-/// a whole datagram for UDP) and it sets TCP_NODELAY as wasm-echo does, so
-/// the comparison is about the work done per message, not about settings.
+/// wasm-echo: one `read` then one `write_all` per 16 KiB chunk, one
+/// `recv_from` then one `send_to` per datagram, with TCP_NODELAY set as
+/// wasm-echo sets it. wasm-echo reads up to 64 KiB at a time; with a 64 KiB
+/// buffer this server streamed slower than with 16 KiB on this machine
+/// (BENCHMARKS.md), so 16 KiB is the stronger baseline.
 pub async fn plain_tokio() -> anyhow::Result<Addrs> {
     let tcp = TcpListener::bind("127.0.0.1:0").await?;
     let udp = UdpSocket::bind("127.0.0.1:0").await?;
