@@ -51,6 +51,11 @@ struct Cli {
     /// with --quick).
     #[arg(long, value_name = "N")]
     connections: Option<usize>,
+    /// Rounds of every workload against every server (default 3; 1 with
+    /// --quick). Rates are the median round, so more rounds steady them on
+    /// a noisy machine; each round adds about 30 s.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=50))]
+    rounds: Option<u16>,
     /// Run only the parts named (for profiling): udp-ping, udp-flood,
     /// tcp-ping, tcp-stream, tcp-churn, memory, plugin, reload (hot-reload
     /// latency and throughput during swaps), hostile (a good tenant's
@@ -105,7 +110,7 @@ impl Plan {
             (3, Duration::from_millis(1_500), 10_000, sizes)
         };
         Self {
-            rounds,
+            rounds: cli.rounds.map_or(rounds, usize::from),
             budget: Budget {
                 count: 2_000_000,
                 time,
