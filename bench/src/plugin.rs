@@ -38,6 +38,9 @@ pub struct Figures {
     pub compile: Duration,
     /// Median and p99 of one instantiation, in nanoseconds.
     pub instantiate: (u64, u64),
+    /// Median and p99 of dropping an instance that has handled one call
+    /// (its pool slot is cleaned for the next), in nanoseconds.
+    pub teardown: (u64, u64),
     /// Median and p99 of one 64-byte `on-datagram` call, in nanoseconds.
     pub call: (u64, u64),
     /// Resident bytes per live instance that has handled one call.
@@ -89,14 +92,21 @@ pub async fn measure(
     for _ in 0..sizes.instantiations.min(20) {
         drop(Instance::new(&plugin, settings.clone()).await?);
     }
+    // A connection's life: an instance is made, handles a message (which
+    // dirties some of its memory), and is dropped.
     let mut times = Vec::with_capacity(sizes.instantiations);
+    let mut drops = Vec::with_capacity(sizes.instantiations);
     for _ in 0..sizes.instantiations {
         let start = Instant::now();
-        let instance = Instance::new(&plugin, settings.clone()).await?;
+        let mut instance = Instance::new(&plugin, settings.clone()).await?;
         times.push(nanos(start.elapsed()));
+        instance.on_datagram(peer, &data).await?;
+        let start = Instant::now();
         drop(instance);
+        drops.push(nanos(start.elapsed()));
     }
     let instantiate = median_p99(&mut times);
+    let teardown = median_p99(&mut drops);
 
     let mut instance = Instance::new(&plugin, settings.clone()).await?;
     let mut times = Vec::with_capacity(sizes.calls);
@@ -127,6 +137,7 @@ pub async fn measure(
         size,
         compile,
         instantiate,
+        teardown,
         call,
         memory,
         call_failure,

@@ -279,24 +279,26 @@ pub fn print(
     println!("## The echo plugin itself (no sockets)");
     println!();
     println!(
-        "| echo in | component KiB | compile + pre-link ms | instantiate p50 / p99 µs | call p50 / p99 µs | memory per live instance KiB |"
+        "| echo in | component KiB | compile + pre-link ms | instantiate p50 / p99 µs | drop p50 / p99 µs | call p50 / p99 µs | memory per live instance KiB |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for f in plugins {
         println!(
-            "| {} | {:.0} | {:.0} | {:.1} / {:.1} | {:.2} / {:.2} | {:.0} |",
+            "| {} | {:.0} | {:.0} | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} / {:.2} | {:.0} |",
             f.label,
             f.size as f64 / 1024.0,
             f.compile.as_secs_f64() * 1e3,
             f.instantiate.0 as f64 / 1e3,
             f.instantiate.1 as f64 / 1e3,
+            f.teardown.0 as f64 / 1e3,
+            f.teardown.1 as f64 / 1e3,
             f.call.0 as f64 / 1e3,
             f.call.1 as f64 / 1e3,
             f.memory / 1024.0,
         );
     }
     println!(
-        "| native (NativeEcho, for scale) | | | | {:.2} / {:.2} | |",
+        "| native (NativeEcho, for scale) | | | | | {:.2} / {:.2} | |",
         native_call.0 as f64 / 1e3,
         native_call.1 as f64 / 1e3
     );
