@@ -1,5 +1,5 @@
 //! The server: loads every listener's plugin, binds every socket, runs one
-//! listener task per socket, and ends when all of them have stopped, either
+//! listener task per socket (a UDP listener on a thread of its own), and ends when all of them have stopped, either
 //! because their plugins said so (the documents' `exit`) or because the
 //! process was asked to shut down.
 //!
@@ -170,7 +170,7 @@ impl Server {
         for socket in self.sockets {
             match socket.kind {
                 SocketKind::Udp(udp) => {
-                    listeners.spawn(listener::udp::serve(
+                    listeners.spawn(listener::udp::serve_on_own_thread(
                         udp,
                         socket.tenant,
                         self.shutdown.clone(),
