@@ -1,5 +1,6 @@
-//! The UDP listener: one socket, one session that lives as long as it
-//! behaves, one call per datagram.
+//! The UDP listener: one socket on a thread of its own, one session that
+//! lives as long as it behaves, one call per datagram, datagrams read and
+//! answered in batches.
 //!
 //! A datagram whose call fails gets no reply (or, for a tenant that fails
 //! open, its own bytes back); the failure is logged with the peer, the
