@@ -34,6 +34,7 @@ use wasm_echo::plugin::Runtime;
 use wasm_echo::server::Server;
 
 use crate::load::{self, Budget, Latency, quantile};
+use crate::report::cell;
 
 /// Each hostile behaviour and the keys its tenant gets besides
 /// `call-timeout = "50ms"` and `plugin-config = { behaviour = ... }`, as in
@@ -351,9 +352,7 @@ async fn tcp_ping_pong(server: SocketAddr, budget: Budget) -> anyhow::Result<Lat
         let sent = Instant::now();
         stream.write_all(&request).await?;
         match timeout(GOOD_TCP_WAIT, stream.read_exact(&mut reply)).await {
-            Ok(Ok(_)) => result
-                .samples
-                .push(u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX)),
+            Ok(Ok(_)) => result.samples.push(load::nanos(sent.elapsed())),
             Ok(Err(error)) => return Err(error.into()),
             Err(_) => {
                 result.lost += 1;
@@ -420,15 +419,6 @@ fn percentiles(latency: &Latency) -> [Option<f64>; 3] {
 /// The slowest round trip, in milliseconds.
 fn worst_ms(latency: &Latency) -> f64 {
     latency.samples.iter().copied().max().unwrap_or(0) as f64 / 1e6
-}
-
-fn cell(value: Option<f64>) -> String {
-    match value {
-        Some(v) if v >= 100.0 => format!("{v:.0}"),
-        Some(v) if v >= 10.0 => format!("{v:.1}"),
-        Some(v) => format!("{v:.2}"),
-        None => "n/a".to_owned(),
-    }
 }
 
 fn ratio(value: Option<f64>, alone: Option<f64>) -> String {

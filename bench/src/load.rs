@@ -111,7 +111,7 @@ pub async fn udp_ping_pong(
         let sent = Instant::now();
         socket.send(&request).await?;
         match timeout(UDP_REPLY_TIMEOUT, socket.recv(&mut reply)).await {
-            Ok(Ok(len)) if len == size => result.samples.push(elapsed_ns(sent)),
+            Ok(Ok(len)) if len == size => result.samples.push(nanos(sent.elapsed())),
             _ => result.lost += 1,
         }
     }
@@ -200,7 +200,7 @@ pub async fn tcp_ping_pong(
         timeout(TCP_TIMEOUT, stream.read_exact(&mut reply))
             .await
             .context("no TCP reply in time")??;
-        result.samples.push(elapsed_ns(sent));
+        result.samples.push(nanos(sent.elapsed()));
     }
     Ok(result)
 }
@@ -325,8 +325,9 @@ pub async fn tcp_churn(
     Ok(total)
 }
 
-fn elapsed_ns(since: Instant) -> u64 {
-    u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
+/// `duration` in whole nanoseconds, as every sample in the harness is kept.
+pub fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The `q`-quantile (0..=1) of `samples`, which must be sorted.

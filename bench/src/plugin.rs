@@ -14,7 +14,7 @@ use wasm_echo::plugin::{
 };
 use wasm_echo::tenant::{NativeEcho, NativeHandler};
 
-use crate::load::quantile;
+use crate::load::{nanos, quantile};
 
 /// How much work each measurement does.
 #[derive(Clone, Copy, Debug)]
@@ -193,8 +193,4 @@ fn median_p99(times: &mut [u64]) -> (u64, u64) {
         quantile(times, 0.5).unwrap_or(0),
         quantile(times, 0.99).unwrap_or(0),
     )
-}
-
-fn nanos(duration: Duration) -> u64 {
-    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }

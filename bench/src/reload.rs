@@ -31,7 +31,7 @@ use wasm_echo::plugin::{PluginSource, Runtime};
 use wasm_echo::reload::Reloader;
 use wasm_echo::server::Server;
 
-use crate::load::quantile;
+use crate::load::{nanos, quantile};
 
 /// What every client sends; `echo` sends it back, `hello` greets instead.
 const PROBE: [u8; 64] = [b'r'; 64];
@@ -546,11 +546,8 @@ pub fn print(figures: &Figures) {
 
 /// Median and maximum, in milliseconds.
 fn median_max(times: &[Duration]) -> (f64, f64) {
-    let mut nanos: Vec<u64> = times
-        .iter()
-        .map(|time| u64::try_from(time.as_nanos()).unwrap_or(u64::MAX))
-        .collect();
-    nanos.sort_unstable();
+    let mut samples: Vec<u64> = times.iter().map(|time| nanos(*time)).collect();
+    samples.sort_unstable();
     let ms = |value: Option<u64>| value.unwrap_or(0) as f64 / 1e6;
-    (ms(quantile(&nanos, 0.5)), ms(nanos.last().copied()))
+    (ms(quantile(&samples, 0.5)), ms(samples.last().copied()))
 }

@@ -86,7 +86,8 @@ struct Row {
     higher_is_better: bool,
 }
 
-fn cell(value: Option<f64>) -> String {
+/// A figure for a table cell, with as many decimals as its size warrants.
+pub fn cell(value: Option<f64>) -> String {
     match value {
         Some(v) if v >= 100.0 => format!("{v:.0}"),
         Some(v) if v >= 10.0 => format!("{v:.1}"),
