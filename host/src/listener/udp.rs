@@ -243,8 +243,9 @@ async fn handle(
     tenant.record_success();
     if let Some(reply) = decision.reply {
         if let Err(reason) = tenant.vet_reply(&reply, Some(data.len())) {
-            tenant.metrics.failure(&live.version(), "reply");
-            fail(outbox, tenant, peer, data, &live.version(), reason);
+            let version = live.version();
+            tenant.metrics.failure(&version, "reply");
+            fail(outbox, tenant, peer, data, &version, reason);
             return None;
         }
         outbox.push(peer, reply);
