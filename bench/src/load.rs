@@ -14,6 +14,7 @@ use nix::sys::socket::setsockopt;
 use nix::sys::socket::sockopt::IpBindAddressNoPort;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
+use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 /// How long one measurement may go on, and how many operations it may do.
@@ -165,15 +166,10 @@ pub async fn udp_flood(
                     }
                 }
             }
-            rate
+            anyhow::Ok(rate)
         }));
     }
-    let mut total = Rate::default();
-    for task in tasks {
-        total.add(task.await?);
-    }
-    total.elapsed = start.elapsed();
-    Ok(total)
+    total(tasks, start).await
 }
 
 /// One connection, one message of `size` bytes in flight at a time.
@@ -257,12 +253,7 @@ pub async fn tcp_stream(
             })
         }));
     }
-    let mut total = Rate::default();
-    for task in tasks {
-        total.add(task.await??);
-    }
-    total.elapsed = start.elapsed();
-    Ok(total)
+    total(tasks, start).await
 }
 
 /// `clients` clients, each opening a connection, exchanging one `size`-byte
@@ -317,6 +308,15 @@ pub async fn tcp_churn(
             anyhow::Ok(rate)
         }));
     }
+    total(tasks, start).await
+}
+
+/// Waits for every client and adds up what they did, over the time since
+/// `start`.
+async fn total(
+    tasks: Vec<JoinHandle<anyhow::Result<Rate>>>,
+    start: Instant,
+) -> anyhow::Result<Rate> {
     let mut total = Rate::default();
     for task in tasks {
         total.add(task.await??);
