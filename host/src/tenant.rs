@@ -216,12 +216,6 @@ impl Tenant {
             .is_none_or(|rate| rate.check_key(&ip).is_ok())
     }
 
-    /// Whether the tenant has a per-peer rate limit, so TCP messages must
-    /// wait for [`Tenant::pace`].
-    pub fn paces_messages(&self) -> bool {
-        self.rate.is_some()
-    }
-
     /// Waits until a message from `ip` is within the rate limit (TCP: the
     /// connection is simply read more slowly).
     pub async fn pace(&self, ip: IpAddr) {

@@ -280,11 +280,9 @@ impl ConnectionTask {
     /// Hands one message to the plugin, within the peer's rate limit, and
     /// carries out the decision. Says whether the connection ends here.
     async fn deliver(&mut self, session: &mut Session, message: Bytes) -> Option<End> {
-        if self.tenant.paces_messages() {
-            tokio::select! {
-                () = &mut self.hard_stop => return Some(End::Shutdown),
-                () = self.tenant.pace(self.peer.ip()) => {}
-            }
+        tokio::select! {
+            () = &mut self.hard_stop => return Some(End::Shutdown),
+            () = self.tenant.pace(self.peer.ip()) => {}
         }
         self.tenant.metrics.message_in(message.len());
         match session.on_message(&message).await {

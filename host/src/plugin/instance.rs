@@ -2,7 +2,7 @@
 //! Every call into the guest goes through here, starts its deadline, and
 //! turns whatever went wrong into a [`CallError`] the listener can log.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -56,7 +56,7 @@ pub struct Instance {
     /// The last datagram's sender as the plugin sees it: formatting an
     /// address costs more than the call it goes with, and a listener's
     /// datagrams mostly come from the same few peers.
-    last_peer: Option<(SocketAddr, Endpoint)>,
+    last_peer: Option<(IpAddr, Endpoint)>,
 }
 
 impl Instance {
@@ -103,12 +103,11 @@ impl Instance {
     ) -> Result<Decision, CallError> {
         start_call(&mut self.store, Some(peer));
         let sender = match &mut self.last_peer {
-            Some((last, sender)) if last.ip() == peer.ip() => {
-                *last = peer;
+            Some((ip, sender)) if *ip == peer.ip() => {
                 sender.port = peer.port();
                 sender
             }
-            last => &last.insert((peer, endpoint(peer))).1,
+            last => &last.insert((peer.ip(), endpoint(peer))).1,
         };
         let udp = self.bindings.wasm_echo_plugin_udp();
         Ok(udp.call_on_datagram(&mut self.store, sender, data).await?)
