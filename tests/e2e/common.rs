@@ -24,12 +24,56 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_wasm-echo");
 /// tests compile several at once on two cores.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
-/// Runs `wasm-echo ARGS` to completion.
+/// Runs `wasm-echo ARGS` to completion, failing the test if it has not
+/// finished within [`PATIENCE`]: a regression that makes a command hang
+/// (a `serve` that starts on bad input, a read that never ends) fails its
+/// test instead of hanging the suite.
 pub fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(args)
-        .output()
-        .expect("wasm-echo runs")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("wasm-echo runs");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout piped")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr piped")));
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`wasm-echo {}` did not finish within {PATIENCE:?}",
+                args.join(" ")
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
+}
+
+/// Sends `signal` (`TERM`, `INT`, `HUP`) to process `pid`.
+pub fn send_signal(pid: u32, signal: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "kill -{signal} {pid} failed");
 }
 
 /// A running `wasm-echo serve`, killed when dropped.

@@ -23,6 +23,9 @@ mod metrics;
 mod polyglot;
 /// Hot reloads: under load, on file changes, on SIGHUP, and failed ones.
 mod reload;
+/// Bounds that hold whatever the guest does: blocked calls, piled-up
+/// handles.
+mod sandbox;
 /// `wasm-echo new`: every language's project builds, passes `check` and serves.
 mod scaffold;
 /// Tenants' limits, and hostile plugins contained next to a good tenant.

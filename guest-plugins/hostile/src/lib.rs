@@ -10,7 +10,13 @@
 //! - `snoop`: tries to reach files, environment, arguments, sockets and a
 //!   fine clock, and answers with what it got;
 //! - `flood-log`: writes thousands of log lines per message;
-//! - `slow`: busy-waits `slow-ms` milliseconds (default 20), then echoes.
+//! - `slow`: busy-waits `slow-ms` milliseconds (default 20), then echoes;
+//! - `sleep`: a message that starts with `sleep` blocks in a WASI pollable
+//!   (`std::thread::sleep`) for `sleep-ms` milliseconds (default an hour),
+//!   running no Wasm code meanwhile; anything else is echoed;
+//! - `sleep-on-close`: echoes, then blocks in `on-close` as `sleep` does;
+//! - `leak-handles`: makes WASI pollables and stream handles and never
+//!   drops them, far more than the host allows one instance.
 
 mod bindings {
     wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
@@ -64,8 +70,31 @@ fn misbehave(data: Vec<u8>) -> Decision {
             }
             reply(data)
         }
+        "sleep" => {
+            if data.starts_with(b"sleep") {
+                sleep();
+            }
+            reply(data)
+        }
+        "sleep-on-close" => reply(data),
+        "leak-handles" => {
+            for _ in 0..200_000 {
+                std::mem::forget(wasi::clocks::monotonic_clock::subscribe_duration(1 << 40));
+                std::mem::forget(wasi::cli::stdout::get_stdout());
+            }
+            reply(data)
+        }
         other => panic!("unknown behaviour `{other}`"),
     }
+}
+
+/// Blocks for `sleep-ms` (default an hour) without running Wasm code: the
+/// guest waits in `wasi:io/poll`, where no epoch tick can stop it.
+fn sleep() {
+    let millis = host::get_config("sleep-ms")
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(3_600_000);
+    std::thread::sleep(Duration::from_millis(millis));
 }
 
 /// Recursion the optimiser cannot turn into a loop; the depth check is one
@@ -126,7 +155,11 @@ impl tcp::Guest for Hostile {
         misbehave(data)
     }
 
-    fn on_close() {}
+    fn on_close() {
+        if host::get_config("behaviour").as_deref() == Some("sleep-on-close") {
+            sleep();
+        }
+    }
 }
 
 bindings::export!(Hostile with_types_in bindings);

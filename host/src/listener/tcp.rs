@@ -135,6 +135,9 @@ enum End {
     PluginClosed,
     /// The server's grace period ran out.
     Shutdown,
+    /// The grace period ran out during a plugin call: the call was
+    /// abandoned, and its instance with it (no `on-close`).
+    Abandoned,
     /// Nothing arrived for the tenant's idle timeout.
     Idle,
     /// A read or write failed.
@@ -172,28 +175,34 @@ impl ConnectionTask {
         tenant.metrics.closed(match &end {
             End::PeerClosed => CloseReason::Peer,
             End::PluginClosed => CloseReason::Plugin,
-            End::Shutdown => CloseReason::Shutdown,
+            End::Shutdown | End::Abandoned => CloseReason::Shutdown,
             End::Idle => CloseReason::Idle,
             End::Io(_) => CloseReason::Io,
             End::Protocol(_) => CloseReason::Protocol,
             End::Failed(_) => CloseReason::Failed,
         });
         let version = session.version();
-        if !matches!(end, End::Failed(_))
-            && let Err(error) = session.on_close().await
-        {
-            tracing::warn!(listener, %peer, version, "on-close failed: {error}");
+        // After the grace period the plugin gets no more calls: shutdown
+        // must not wait for them.
+        if !matches!(end, End::Failed(_) | End::Shutdown | End::Abandoned) {
+            let closed = tokio::select! {
+                () = &mut self.hard_stop => Ok(()),
+                closed = session.on_close() => closed,
+            };
+            if let Err(error) = closed {
+                tracing::warn!(listener, %peer, version, "on-close failed: {error}");
+            }
         }
         match end {
             End::Failed(reason) => {
-                tracing::warn!(listener, %peer, version, "connection closed: {reason}")
+                tracing::warn!(listener, %peer, version, "connection closed: {reason}");
             }
             End::Protocol(error) => {
-                tracing::warn!(listener, %peer, version, "connection closed: {error}")
+                tracing::warn!(listener, %peer, version, "connection closed: {error}");
             }
             End::Idle => tracing::debug!(listener, %peer, version, "connection closed: idle"),
             End::Io(error) => tracing::debug!(listener, %peer, version, "connection lost: {error}"),
-            End::PeerClosed | End::PluginClosed | End::Shutdown => {}
+            End::PeerClosed | End::PluginClosed | End::Shutdown | End::Abandoned => {}
         }
         // Send FIN after the last reply rather than relying on drop.
         let _ = self.stream.shutdown().await;
@@ -210,7 +219,11 @@ impl ConnectionTask {
             local: endpoint(local),
             framing: self.tenant.config.framing.into(),
         };
-        let decision = match session.on_open(&conn, self.peer).await {
+        let opened = tokio::select! {
+            () = &mut self.hard_stop => return End::Abandoned,
+            opened = session.on_open(&conn, self.peer) => opened,
+        };
+        let decision = match opened {
             Ok(decision) => decision,
             Err(error) => {
                 let version = session.version();
@@ -285,7 +298,11 @@ impl ConnectionTask {
             () = self.tenant.pace(self.peer.ip()) => {}
         }
         self.tenant.metrics.message_in(message.len());
-        match session.on_message(&message).await {
+        let called = tokio::select! {
+            () = &mut self.hard_stop => return Some(End::Abandoned),
+            called = session.on_message(&message) => called,
+        };
+        match called {
             Ok(decision) => self.carry_out(session, decision, Some(&message)).await,
             Err(error) => self.fail(session, &message, &error).await,
         }

@@ -144,9 +144,19 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
                 tracing::debug!(listener = tenant.name(), %peer, "datagram dropped: rate limit");
                 continue;
             }
-            if handle(&tenant, &mut session, &mut outbox, peer, data).await
-                == Some(Next::StopListener)
-            {
+            // A shutdown does not wait for the call in flight: it is
+            // abandoned with its instance, and the rest of the batch with it.
+            // Biased: a call that finishes at once (nearly all of them)
+            // never polls `cancelled`, which would take a lock.
+            let next = tokio::select! {
+                biased;
+                next = handle(&tenant, &mut session, &mut outbox, peer, data) => next,
+                () = &mut cancelled => {
+                    stopped = true;
+                    break;
+                }
+            };
+            if next == Some(Next::StopListener) {
                 if tenant.config.honor_stop {
                     tracing::info!(listener = tenant.name(), %peer, "plugin stopped the udp listener");
                     // The rest of the batch goes unanswered, as datagrams
@@ -173,13 +183,15 @@ async fn flush(socket: &UdpSocket, tenant: &Tenant, outbox: &mut Outbox) {
     outbox
         .flush(socket, |sent| match sent {
             Ok(len) => tenant.metrics.datagram_out(len),
-            Err(unsent) => tracing::warn!(
-                listener = tenant.name(),
-                peer = %unsent.peer,
-                "reply of {} bytes not sent: {}",
-                unsent.len,
-                unsent.error
-            ),
+            Err(unsent) => {
+                tracing::warn!(
+                    listener = tenant.name(),
+                    peer = %unsent.peer,
+                    "reply of {} bytes not sent: {}",
+                    unsent.len,
+                    unsent.error
+                );
+            }
         })
         .await;
 }
@@ -270,7 +282,7 @@ fn fail(
             outbox.push(peer, echo.to_vec());
         }
         None => {
-            tracing::warn!(listener = tenant.name(), version, %peer, "datagram dropped: {reason}")
+            tracing::warn!(listener = tenant.name(), version, %peer, "datagram dropped: {reason}");
         }
     }
 }

@@ -27,6 +27,20 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::{self, Level};
 use super::limits::{DeadlineExceeded, LimitExceeded, Limits};
 
+/// The most WASI handles (pollables, streams, other resources) one instance
+/// may hold at once. A guest that leaks them gets an error from the call
+/// that would exceed this, instead of growing the host's memory; wasmtime's
+/// own cap is 100,000 a store, at a cost of about 14 MiB of host memory a
+/// connection and a long stall when the store is dropped. A language
+/// runtime holds a handful (its stdio streams, a clock pollable or two).
+pub const MAX_HANDLES: usize = 1024;
+
+/// The most bytes one `wasi:random` call may ask the host for. The host
+/// allocates them before the guest's memory cap is checked, so the WASI
+/// default (64 MiB a call) would let every connection make the host
+/// allocate that much at once; a seed or a nonce is a few dozen bytes.
+pub const MAX_RANDOM_BYTES: u64 = 64 << 10;
+
 /// A plugin's key/value settings, read through `host.get-config`.
 pub type PluginConfig = BTreeMap<String, String>;
 
@@ -73,15 +87,23 @@ impl HostState {
             .allow_ip_name_lookup(false)
             .wall_clock(CoarseClock)
             .monotonic_clock(CoarseClock)
+            .max_random_size(MAX_RANDOM_BYTES)
             .build();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_HANDLES);
         Self {
             settings,
             plugin,
             peer: None,
             call_started: Instant::now(),
             wasi,
-            table: ResourceTable::new(),
+            table,
         }
+    }
+
+    /// How long each call of this instance may take.
+    pub(super) fn call_timeout(&self) -> Duration {
+        self.settings.limits.call_timeout
     }
 
     /// The epoch callback: a running call yields to the executor at every

@@ -1,11 +1,18 @@
 //! One live instance of a plugin: where a `Store` is born and where it dies.
 //! Every call into the guest goes through here, starts its deadline, and
 //! turns whatever went wrong into a [`CallError`] the listener can log.
+//!
+//! A deadline is enforced twice over. Wasm code that runs is stopped by the
+//! epoch ticker ([`super::host`]); a call that waits instead (blocked in a
+//! WASI pollable, `std::thread::sleep` in a guest) runs no Wasm code for the
+//! ticker to stop, so every call is also raced against a timer here, and
+//! abandoned when the timer wins. An abandoned call leaves its instance in
+//! an unknown state: like any failed call, the instance is never used again.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use wasmtime::Store;
 
@@ -75,8 +82,8 @@ impl Instance {
         );
         store.limiter(HostState::limiter);
         store.epoch_deadline_callback(|mut ctx| ctx.data_mut().on_epoch_tick());
-        start_call(&mut store, None);
-        let bindings = plugin.pre.instantiate_async(&mut store).await?;
+        let deadline = start_call(&mut store, None);
+        let bindings = within(deadline, plugin.pre.instantiate_async(&mut store)).await?;
         plugin.instances.fetch_add(1, Ordering::Relaxed);
         Ok(Self {
             store,
@@ -101,7 +108,7 @@ impl Instance {
         peer: SocketAddr,
         data: &[u8],
     ) -> Result<Decision, CallError> {
-        start_call(&mut self.store, Some(peer));
+        let deadline = start_call(&mut self.store, Some(peer));
         let sender = match &mut self.last_peer {
             Some((ip, sender)) if *ip == peer.ip() => {
                 sender.port = peer.port();
@@ -110,7 +117,11 @@ impl Instance {
             last => &last.insert((peer.ip(), endpoint(peer))).1,
         };
         let udp = self.bindings.wasm_echo_plugin_udp();
-        Ok(udp.call_on_datagram(&mut self.store, sender, data).await?)
+        within(
+            deadline,
+            udp.call_on_datagram(&mut self.store, sender, data),
+        )
+        .await
     }
 
     /// Tells the plugin its connection is open.
@@ -123,9 +134,9 @@ impl Instance {
         conn: &Connection,
         peer: SocketAddr,
     ) -> Result<Decision, CallError> {
-        start_call(&mut self.store, Some(peer));
+        let deadline = start_call(&mut self.store, Some(peer));
         let tcp = self.bindings.wasm_echo_plugin_tcp();
-        Ok(tcp.call_on_open(&mut self.store, conn).await?)
+        within(deadline, tcp.call_on_open(&mut self.store, conn)).await
     }
 
     /// Hands the plugin one message of its connection.
@@ -135,9 +146,9 @@ impl Instance {
     /// As for [`Instance::on_datagram`].
     pub async fn on_message(&mut self, data: &[u8]) -> Result<Decision, CallError> {
         let peer = self.store.data().peer;
-        start_call(&mut self.store, peer);
+        let deadline = start_call(&mut self.store, peer);
         let tcp = self.bindings.wasm_echo_plugin_tcp();
-        Ok(tcp.call_on_message(&mut self.store, data).await?)
+        within(deadline, tcp.call_on_message(&mut self.store, data)).await
     }
 
     /// Tells the plugin its connection is over.
@@ -147,9 +158,9 @@ impl Instance {
     /// As for [`Instance::on_datagram`].
     pub async fn on_close(&mut self) -> Result<(), CallError> {
         let peer = self.store.data().peer;
-        start_call(&mut self.store, peer);
+        let deadline = start_call(&mut self.store, peer);
         let tcp = self.bindings.wasm_echo_plugin_tcp();
-        Ok(tcp.call_on_close(&mut self.store).await?)
+        within(deadline, tcp.call_on_close(&mut self.store)).await
     }
 }
 
@@ -159,12 +170,31 @@ impl Drop for Instance {
     }
 }
 
-/// Starts the deadline of the call about to be made.
-fn start_call(store: &mut Store<HostState>, peer: Option<SocketAddr>) {
+/// Starts the deadline of the call about to be made, and returns it.
+fn start_call(store: &mut Store<HostState>, peer: Option<SocketAddr>) -> Duration {
     let state = store.data_mut();
     state.call_started = Instant::now();
     state.peer = peer;
+    let deadline = state.call_timeout();
     store.set_epoch_deadline(1);
+    deadline
+}
+
+/// Runs one call into the guest, abandoning it at `deadline` whatever the
+/// guest is doing. The timer costs nothing for a call that finishes without
+/// waiting: `timeout` polls the call first and arms its timer only if the
+/// call has to wait.
+///
+/// Dropping the call's future unwinds the guest's fiber (wasmtime cancels
+/// it); the caller must then drop the instance, as for any failed call.
+async fn within<T>(
+    deadline: Duration,
+    call: impl Future<Output = wasmtime::Result<T>>,
+) -> Result<T, CallError> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(result) => Ok(result?),
+        Err(_elapsed) => Err(CallError::Deadline(DeadlineExceeded(deadline))),
+    }
 }
 
 /// The WIT form of a socket address.
