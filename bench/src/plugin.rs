@@ -79,7 +79,9 @@ pub async fn measure(
     source: PluginSource,
     sizes: Sizes,
 ) -> anyhow::Result<Figures> {
-    let size = source.bytes()?.len();
+    let size = source
+        .bytes(wasm_echo::plugin::DEFAULT_MAX_PLUGIN_SIZE)?
+        .len();
     let start = Instant::now();
     let plugin = Arc::new(runtime.load(&source)?);
     let compile = start.elapsed();

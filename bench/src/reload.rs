@@ -188,7 +188,8 @@ impl Drop for Files {
 /// Writes `version`'s component to `path` and flushes it to disk, so the
 /// timed rename does not wait for the write.
 fn write_synced(path: &Path, version: Version) -> anyhow::Result<()> {
-    let bytes = PluginSource::parse(version.builtin())?.bytes()?;
+    let bytes = PluginSource::parse(version.builtin())?
+        .bytes(wasm_echo::plugin::DEFAULT_MAX_PLUGIN_SIZE)?;
     let file =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     std::io::Write::write_all(&mut &file, &bytes)

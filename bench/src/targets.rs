@@ -80,6 +80,7 @@ pub fn listener_config(plugin: &str, connections: usize) -> anyhow::Result<Serve
     Ok(ServerConfig {
         listeners: vec![listener],
         grace: Duration::from_millis(100),
+        max_plugin_size: wasm_echo::plugin::DEFAULT_MAX_PLUGIN_SIZE,
     })
 }
 

@@ -13,11 +13,12 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::client::{self, Exchange};
 use crate::config::{
-    DEFAULT_GRACE, FailurePolicy, ListenerConfig, ServerConfig, TrafficLimits, parse_size,
+    DEFAULT_GRACE, FailurePolicy, ListenerConfig, ServerConfig, TrafficLimits,
+    check_max_plugin_size, parse_size,
 };
 use crate::control::{self, ControlSocket};
 use crate::framing::{DEFAULT_MAX_MESSAGE, Framing};
-use crate::plugin::{Limits, PluginConfig, PluginSource, Runtime};
+use crate::plugin::{DEFAULT_MAX_PLUGIN_SIZE, Limits, PluginConfig, PluginSource, Runtime};
 use crate::reload::Reloader;
 use crate::server::{DEFAULT_PORT, Server};
 
@@ -34,7 +35,7 @@ pub struct Cli {
 enum Command {
     /// Serve UDP and TCP with a plugin (default: the built-in `hello` on
     /// 0.0.0.0:12345, as in the documents).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Send one message, print the reply, then send `exit` (the documents'
     /// clients).
     Client(ClientArgs),
@@ -58,6 +59,7 @@ struct ServeArgs {
     /// wasm-echo.example.toml) instead of one plugin given by flags.
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "plugin", "udp", "tcp", "settings", "call_timeout", "memory_limit", "framing", "max_message", "grace",
+        "max_plugin_size",
     ])]
     config: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free
@@ -112,6 +114,10 @@ struct ServeArgs {
     /// (on Ctrl-C, SIGTERM or the plugin's `exit`) [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     grace: Option<Duration>,
+    /// The largest plugin file read, here and on reloads; a larger one is
+    /// refused unread [default: 128MiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_plugin_size)]
+    max_plugin_size: Option<u64>,
 }
 
 impl ServeArgs {
@@ -145,6 +151,7 @@ impl ServeArgs {
         Ok(ServerConfig {
             listeners: vec![listener],
             grace: self.grace.unwrap_or(DEFAULT_GRACE),
+            max_plugin_size: self.max_plugin_size.unwrap_or(DEFAULT_MAX_PLUGIN_SIZE),
         })
     }
 }
@@ -211,6 +218,9 @@ struct CheckArgs {
     /// A built-in's name or the path of a .wasm component.
     #[arg(value_name = "NAME|PATH")]
     plugin: String,
+    /// The largest plugin file read [default: 128MiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_plugin_size)]
+    max_plugin_size: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -239,7 +249,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Client(args) => client(args).await,
             Command::Check(args) => check(args).await,
             Command::Reload(args) => reload(args).await,
@@ -270,7 +280,9 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         None => (args.into_config()?, None),
     };
     // The instance pool is sized once, for every listener's limits.
-    let runtime = Arc::new(Runtime::for_config(&config)?);
+    let mut runtime = Runtime::for_config(&config)?;
+    runtime.set_max_plugin_size(config.max_plugin_size);
+    let runtime = Arc::new(runtime);
     let server = Server::bind(&runtime, config, origin).await?;
     // Everything that answers from outside (control socket, watcher,
     // signals) is ready before the `listening` lines say the server is.
@@ -362,7 +374,8 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
 
 async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let source = PluginSource::parse(&args.plugin)?;
-    let runtime = Runtime::new()?;
+    let mut runtime = Runtime::new()?;
+    runtime.set_max_plugin_size(args.max_plugin_size.unwrap_or(DEFAULT_MAX_PLUGIN_SIZE));
     print!("{}", crate::check::check(&runtime, &source).await?);
     Ok(ExitCode::SUCCESS)
 }
@@ -390,6 +403,11 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => logs.with_ansi(ansi).init(),
         LogFormat::Json => logs.json().init(),
     }
+}
+
+/// Parses and checks a `--max-plugin-size`.
+fn parse_plugin_size(text: &str) -> Result<u64, String> {
+    check_max_plugin_size(parse_size(text)? as u64)
 }
 
 /// Parses `KEY=VALUE`.

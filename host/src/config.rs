@@ -26,6 +26,8 @@ pub struct ServerConfig {
     pub listeners: Vec<ListenerConfig>,
     /// How long open TCP connections may go on once their listener stops.
     pub grace: Duration,
+    /// The largest plugin component file read, in bytes.
+    pub max_plugin_size: u64,
 }
 
 /// One tenant: a plugin serving a UDP and/or a TCP address.
@@ -150,6 +152,8 @@ impl ConfigError {
 struct FileConfig {
     #[serde(default, deserialize_with = "duration")]
     grace: Option<Duration>,
+    #[serde(default, deserialize_with = "size")]
+    max_plugin_size: Option<usize>,
     listeners: BTreeMap<String, FileListener>,
 }
 
@@ -187,6 +191,22 @@ struct FileListener {
 /// The default grace period for open connections.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
 
+/// The largest configuration file read: far more than any real one, and a
+/// path to something else by mistake is refused unread.
+pub const MAX_CONFIG_SIZE: u64 = 4 << 20;
+
+/// What `max-plugin-size` (key and flag) may be.
+pub const MAX_PLUGIN_SIZE_RANGE: RangeInclusive<u64> = 1 << 20..=4 << 30;
+
+/// Checks a `max-plugin-size`.
+///
+/// # Errors
+///
+/// The reason it is out of range.
+pub fn check_max_plugin_size(bytes: u64) -> Result<u64, String> {
+    in_range(bytes, MAX_PLUGIN_SIZE_RANGE, |v| *v)
+}
+
 impl ServerConfig {
     /// Reads and checks a TOML configuration file. Relative plugin paths
     /// are relative to the file's folder.
@@ -195,10 +215,14 @@ impl ServerConfig {
     ///
     /// A [`ConfigError`] naming the file, the key and the reason.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+        let read = |error: &dyn fmt::Display| ConfigError {
             location: path.display().to_string(),
             reason: format!("cannot read the configuration: {error}"),
-        })?;
+        };
+        let bytes =
+            crate::input_file::read(path, MAX_CONFIG_SIZE, "", crate::input_file::READ_TIMEOUT)
+                .map_err(|error| read(&error))?;
+        let text = String::from_utf8(bytes).map_err(|error| read(&error))?;
         let deserializer =
             toml::Deserializer::parse(&text).map_err(|error| parse_error(path, &text, &error))?;
         let file: FileConfig = serde_path_to_error::deserialize(deserializer).map_err(|error| {
@@ -225,9 +249,16 @@ impl ServerConfig {
         for (name, listener) in file.listeners {
             listeners.push(listener.resolve(path, base, name)?);
         }
+        let max_plugin_size =
+            file.max_plugin_size
+                .map_or(Ok(crate::plugin::DEFAULT_MAX_PLUGIN_SIZE), |bytes| {
+                    check_max_plugin_size(bytes as u64)
+                        .map_err(|reason| ConfigError::at(path, "max-plugin-size", reason))
+                })?;
         let config = Self {
             listeners,
             grace: file.grace.unwrap_or(DEFAULT_GRACE),
+            max_plugin_size,
         };
         config.check(path)?;
         Ok(config)

@@ -9,7 +9,8 @@
 //! stopped. [`reload`] swaps a tenant's plugin while it serves, when asked
 //! through the [`control`] socket, by SIGHUP or by the file [`watch`]er.
 //! [`client`], [`check`] and [`scaffold`] (`new`) are the CLI's other verbs,
-//! and [`cli`] parses the command line.
+//! and [`cli`] parses the command line. Files an operator names are read
+//! through [`input_file`], bounded in kind, size and time.
 
 pub mod check;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod framing;
+pub mod input_file;
 pub mod listener;
 pub mod metrics;
 pub mod plugin;

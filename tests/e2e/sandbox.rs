@@ -1,13 +1,14 @@
 //! The sandbox's bounds that hold whatever the guest does: calls that block
-//! instead of running, and handles piled up.
+//! instead of running, handles piled up, and files that are not what their
+//! name says.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use crate::common::{
-    PATIENCE, Server, plugins, send_signal, tcp_ask, tcp_client, tcp_read_to_end, udp_ask,
-    udp_client, udp_expect_silence,
+    PATIENCE, Server, plugins, run, scratch_file, send_signal, tcp_ask, tcp_client,
+    tcp_read_to_end, udp_ask, udp_client, udp_expect_silence,
 };
 
 /// A tenant whose plugin blocks in WASI for an hour on a message that
@@ -52,11 +53,27 @@ fn connections_blocked_in_wasi_are_closed_at_the_deadline_and_free_their_slots()
     for stream in &mut blocked {
         assert!(tcp_read_to_end(stream).is_empty(), "closed without a reply");
     }
-    // Both slots are free again: a third peer is served.
-    let mut third = tcp_client(addr);
-    assert_eq!(tcp_ask(&mut third, b"hello", 5), b"hello");
+    // Both slots are free again (a moment after the peers saw the close):
+    // a third peer is served.
+    served_eventually(addr, b"hello");
     let log = server.stderr();
     assert!(log.contains("ran past its 100ms deadline"), "{log}");
+}
+
+/// Connects to `addr` until a connection is served (one refused while the
+/// tenant is full is closed at once) and checks `message` is echoed.
+fn served_eventually(addr: SocketAddr, message: &[u8]) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let mut next = tcp_client(addr);
+        let mut buf = vec![0u8; message.len()];
+        if next.write_all(message).is_ok() && next.read_exact(&mut buf).is_ok() {
+            assert_eq!(buf, message);
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no slot was freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Regression: `on-close` blocked in WASI kept the connection's slot.
@@ -72,22 +89,8 @@ fn on_close_blocked_in_wasi_ends_at_the_deadline() {
     let mut first = tcp_client(addr);
     assert_eq!(tcp_ask(&mut first, b"one", 3), b"one");
     drop(first);
-    // The only slot frees up once on-close has been stopped. Until then a
-    // new connection is refused at once, so retry until one is served.
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let mut next = tcp_client(addr);
-        let mut buf = [0u8; 3];
-        if next.write_all(b"two").is_ok() && next.read_exact(&mut buf).is_ok() {
-            assert_eq!(&buf, b"two");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slot was never freed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The only slot frees up once on-close has been stopped.
+    served_eventually(addr, b"two");
     server.wait_for_log("on-close failed: plugin ran past its 100ms deadline");
 }
 
@@ -138,5 +141,110 @@ fn an_instance_cannot_pile_up_handles() {
             .count()
             >= 2,
         "both calls failed on the handle limit:\n{log}"
+    );
+}
+
+/// The one line `wasm-echo ARGS` fails with.
+fn refused(args: &[&str]) -> String {
+    let output = run(args);
+    assert!(!output.status.success(), "`{}` succeeded", args.join(" "));
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
+/// Regression: `check /dev/zero` and `plugin = "/dev/zero"` grew the
+/// process by gigabytes until it was killed; a FIFO hung `serve`.
+#[test]
+fn only_regular_files_are_read_as_plugins_or_configurations() {
+    let error = refused(&["check", "/dev/zero"]);
+    assert!(
+        error.contains("/dev/zero is a character device, not a regular file"),
+        "{error}"
+    );
+    let error = refused(&["serve", "--plugin", "/dev/zero", "--udp", "127.0.0.1:0"]);
+    assert!(error.contains("is a character device"), "{error}");
+    let error = refused(&["serve", "--config", "/dev/zero"]);
+    assert!(error.contains("/dev/zero is a character device"), "{error}");
+    let dir = scratch_file("placeholder", b"");
+    let dir = dir.parent().expect("scratch dir");
+    let error = refused(&["check", dir.to_str().expect("utf-8")]);
+    assert!(error.contains("is a directory"), "{error}");
+
+    let fifo = dir.join("plugin.wasm");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+    let toml = format!(
+        "[listeners.piped]\nplugin = \"{}\"\nudp = \"127.0.0.1:0\"\n",
+        fifo.display()
+    );
+    let config = scratch_file("fifo.toml", toml.as_bytes());
+    let error = refused(&["serve", "--config", config.to_str().expect("utf-8")]);
+    assert!(error.contains("is a FIFO, not a regular file"), "{error}");
+}
+
+/// A component larger than `max-plugin-size` is refused before it is read.
+#[test]
+fn plugin_files_are_read_up_to_a_size_limit() {
+    let mut big = b"\0asm\x0d\0\x01\0".to_vec();
+    big.resize(2 << 20, 0);
+    let path = scratch_file("big.wasm", &big);
+    let path = path.to_str().expect("utf-8");
+    let error = refused(&["check", path, "--max-plugin-size", "1MiB"]);
+    assert!(
+        error.contains(
+            "is 2097152 bytes, more than the limit of 1048576 bytes (raise it with max-plugin-size)"
+        ),
+        "{error}"
+    );
+    let toml = format!(
+        "max-plugin-size = \"1MiB\"\n[listeners.big]\nplugin = \"{path}\"\nudp = \"127.0.0.1:0\"\n"
+    );
+    let config = scratch_file("big.toml", toml.as_bytes());
+    let error = refused(&["serve", "--config", config.to_str().expect("utf-8")]);
+    assert!(
+        error.contains("more than the limit of 1048576 bytes"),
+        "{error}"
+    );
+    let output = run(&["check", "echo", "--max-plugin-size", "1KiB"]);
+    assert!(!output.status.success());
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        error.contains("1024 is out of range (1048576 to 4294967296)"),
+        "{error}"
+    );
+}
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Regression: `reload --plugin /dev/zero` made the running server grow by
+/// about 1.3 GB/s until the kernel killed it, with every tenant.
+#[test]
+fn a_reload_from_a_device_changes_nothing_and_costs_nothing() {
+    let control = scratch_file("placeholder", b"").with_file_name("control.sock");
+    let control = control.to_str().expect("utf-8");
+    let server = Server::start("echo", &["--control", control]);
+    let before = rss_kib(server.pid());
+    for device in ["/dev/zero", "/dev/urandom"] {
+        let error = refused(&["reload", "--control", control, "--plugin", device]);
+        assert!(error.contains("is a character device"), "{error}");
+    }
+    assert_eq!(udp_ask(&udp_client(server.udp()), b"still"), b"still");
+    let after = rss_kib(server.pid());
+    assert!(
+        after < before + 64 * 1024,
+        "resident memory grew from {before} KiB to {after} KiB"
     );
 }

@@ -19,6 +19,8 @@ use std::time::SystemTime;
 
 use wasmtime::component::Component;
 
+use crate::input_file::{self, InputError};
+
 pub use bindings::{Connection, Decision, Endpoint, Framing, Next};
 pub use host::{InstanceSettings, LogBudget, PluginConfig};
 pub use instance::{CallError, Instance, endpoint};
@@ -34,6 +36,12 @@ mod builtin {
 pub fn builtin_names() -> impl Iterator<Item = &'static str> {
     builtin::BUILTIN_PLUGINS.iter().map(|(name, _)| *name)
 }
+
+/// The largest component file loaded unless the operator says otherwise
+/// (`max-plugin-size`): seven times a Python component (about 18 MiB), the
+/// largest kind the project builds, while a mistaken path to something
+/// huge is refused before it costs the process its memory.
+pub const DEFAULT_MAX_PLUGIN_SIZE: u64 = 128 << 20;
 
 /// The interfaces a plugin must export, as the component model names them.
 const REQUIRED_EXPORTS: &[&str] = &["wasm-echo:plugin/udp@0.1.0", "wasm-echo:plugin/tcp@0.1.0"];
@@ -85,12 +93,14 @@ impl PluginSource {
     }
 
     /// The component's bytes: the embedded ones for a built-in, the file's
-    /// otherwise (the benchmark reports component sizes from these).
+    /// otherwise, read only if it is a regular file of at most `max_bytes`
+    /// (the benchmark reports component sizes from these).
     ///
     /// # Errors
     ///
-    /// [`LoadError::Read`] when the file cannot be read.
-    pub fn bytes(&self) -> Result<std::borrow::Cow<'static, [u8]>, LoadError> {
+    /// [`LoadError::Read`] when the file cannot be read, is not a regular
+    /// file, is larger than `max_bytes` or takes too long to read.
+    pub fn bytes(&self, max_bytes: u64) -> Result<std::borrow::Cow<'static, [u8]>, LoadError> {
         match self {
             Self::Builtin(name) => builtin::BUILTIN_PLUGINS
                 .iter()
@@ -99,14 +109,14 @@ impl PluginSource {
                 .ok_or_else(|| LoadError::UnknownBuiltin {
                     name: (*name).to_owned(),
                 }),
-            Self::File(path) => {
-                std::fs::read(path)
-                    .map(std::borrow::Cow::Owned)
-                    .map_err(|source| LoadError::Read {
-                        path: path.clone(),
-                        source,
-                    })
-            }
+            Self::File(path) => input_file::read(
+                path,
+                max_bytes,
+                " (raise it with max-plugin-size)",
+                input_file::READ_TIMEOUT,
+            )
+            .map(std::borrow::Cow::Owned)
+            .map_err(LoadError::Read),
         }
     }
 }
@@ -129,14 +139,9 @@ pub enum LoadError {
         /// What was asked for.
         name: String,
     },
-    /// The file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
+    /// The file could not be read, or was refused unread.
+    #[error(transparent)]
+    Read(InputError),
     /// The bytes are not WebAssembly at all.
     #[error("{plugin} is not a WebAssembly component (no `\\0asm` header)")]
     NotWasm {

@@ -152,6 +152,8 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     ticker: Arc<Ticker>,
+    /// The largest component file [`Runtime::load`] reads.
+    max_plugin_bytes: u64,
 }
 
 /// The epoch ticker's off switch. The runtime and every plugin it loaded
@@ -266,7 +268,13 @@ impl Runtime {
             engine,
             linker,
             ticker: Arc::new(Ticker { stop: ticker_stop }),
+            max_plugin_bytes: super::DEFAULT_MAX_PLUGIN_SIZE,
         })
+    }
+
+    /// Refuses component files larger than `bytes` from now on.
+    pub fn set_max_plugin_size(&mut self, bytes: u64) {
+        self.max_plugin_bytes = bytes;
     }
 
     /// Reads, compiles, type-checks and pre-links a plugin. This is the
@@ -276,7 +284,7 @@ impl Runtime {
     ///
     /// A [`LoadError`] saying what is wrong with the plugin.
     pub fn load(&self, source: &PluginSource) -> Result<Plugin, LoadError> {
-        let bytes = source.bytes()?;
+        let bytes = source.bytes(self.max_plugin_bytes)?;
         if wasmparser::Parser::is_core_wasm(&bytes) {
             return Err(LoadError::CoreModule {
                 plugin: source.clone(),
