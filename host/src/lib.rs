@@ -27,4 +27,5 @@ pub mod scaffold;
 pub mod server;
 pub mod status;
 pub mod tenant;
+pub mod warnings;
 pub mod watch;

@@ -186,10 +186,28 @@ impl Server {
                 }
             }
         }
+        // Sums up each tenant's held-back warnings once their window is
+        // over, even when nothing new comes to trigger it.
+        let summaries = {
+            let tenants = self.tenants.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(crate::warnings::WINDOW);
+                loop {
+                    every.tick().await;
+                    for tenant in &tenants {
+                        tenant.warnings().flush();
+                    }
+                }
+            })
+        };
         while let Some(ended) = listeners.join_next().await {
             if let Err(error) = ended {
                 tracing::error!("a listener failed: {error}");
             }
+        }
+        summaries.abort();
+        for tenant in &self.tenants {
+            tenant.warnings().finish();
         }
         tracing::info!("every listener has stopped");
     }

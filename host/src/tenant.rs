@@ -24,6 +24,7 @@ use crate::metrics::{ListenerMetrics, SessionMetrics};
 use crate::plugin::{
     CallError, Connection, Decision, Instance, InstanceSettings, LogBudget, Next, Plugin,
 };
+use crate::warnings::Warnings;
 
 /// Decides replies without WebAssembly. The benchmark runs the host's I/O
 /// path with one in place of a plugin, to measure what the sandbox costs.
@@ -69,6 +70,8 @@ pub struct Tenant {
     /// Its series in `/metrics`.
     pub metrics: ListenerMetrics,
     handler: Handler,
+    /// The budget of the host's own warnings about this tenant.
+    warnings: Warnings,
     settings: Arc<InstanceSettings>,
     rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
     connections: Arc<Semaphore>,
@@ -115,6 +118,7 @@ impl Tenant {
         let connections = Arc::new(Semaphore::new(config.traffic.max_connections));
         Self {
             metrics: ListenerMetrics::new(&config.name),
+            warnings: Warnings::new(&config.name),
             handler,
             settings,
             rate,
@@ -128,6 +132,12 @@ impl Tenant {
     /// The tenant's name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// The budget every warning the host logs about this tenant's traffic
+    /// goes through: a peer must not decide how much the host writes.
+    pub fn warnings(&self) -> &Warnings {
+        &self.warnings
     }
 
     /// Its traffic limits.

@@ -24,7 +24,7 @@ mod polyglot;
 /// Hot reloads: under load, on file changes, on SIGHUP, and failed ones.
 mod reload;
 /// Bounds that hold whatever the guest does: blocked calls, piled-up
-/// handles, files that are not plugins.
+/// handles, files that are not plugins, and the host's own warnings.
 mod sandbox;
 /// `wasm-echo new`: every language's project builds, passes `check` and serves.
 mod scaffold;

@@ -1,6 +1,6 @@
 //! The sandbox's bounds that hold whatever the guest does: calls that block
-//! instead of running, handles piled up, and files that are not what their
-//! name says.
+//! instead of running, handles piled up, files that are not what their
+//! name says, and the host's own warnings, which no peer may multiply.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -246,5 +246,62 @@ fn a_reload_from_a_device_changes_nothing_and_costs_nothing() {
     assert!(
         after < before + 64 * 1024,
         "resident memory grew from {before} KiB to {after} KiB"
+    );
+}
+
+/// Regression: 1,000 datagrams that each made the plugin fail produced
+/// 1,037 host log lines ("datagram dropped: plugin is backing off"): a
+/// peer decided how much the host wrote.
+#[test]
+fn a_failing_tenant_cannot_make_the_host_log_per_datagram() {
+    let server = Server::start(plugins::TRAP, &[]);
+    let socket = udp_client(server.udp());
+    for _ in 0..1_000 {
+        socket.send(b"panic").expect("send");
+    }
+    // The held-back warnings are summed up once their window is over.
+    let log = server.wait_for_log("more warnings not logged");
+    let lines = log.lines().count();
+    assert!(lines < 60, "{lines} log lines for 1,000 datagrams:\n{log}");
+    let summary = log
+        .lines()
+        .find(|line| line.contains("more warnings not logged"))
+        .expect("summary");
+    assert!(summary.contains("datagram dropped"), "{summary}");
+    // And the tenant still answers once it has stopped failing.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    loop {
+        socket.send(b"fine").expect("send");
+        if let Ok(len) = socket.recv(&mut buf)
+            && &buf[..len] == b"fine"
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never answered again");
+    }
+}
+
+/// The same bound on the TCP side: connections that fail one after another
+/// log a bounded number of lines.
+#[test]
+fn failing_connections_cannot_make_the_host_log_per_connection() {
+    let server = Server::start(plugins::TRAP, &[]);
+    for _ in 0..200 {
+        let mut stream = tcp_client(server.tcp());
+        let _ = stream.write_all(b"panic");
+        let _ = tcp_read_to_end(&mut stream);
+    }
+    let log = server.wait_for_log("more warnings not logged");
+    let closed = log
+        .lines()
+        .filter(|line| line.contains("connection closed:"))
+        .count();
+    assert!(
+        closed <= 10,
+        "{closed} 'connection closed' lines for 200 failing connections:\n{log}"
     );
 }

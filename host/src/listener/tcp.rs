@@ -59,7 +59,9 @@ pub async fn serve(
                 Err(error) => {
                     // Out of file descriptors, mostly: back off instead of
                     // spinning, and keep serving the connections we have.
-                    tracing::warn!(listener = tenant.name(), "accept failed: {error}");
+                    if tenant.warnings().admit("accept failed") {
+                        tracing::warn!(listener = tenant.name(), "accept failed: {error}");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -164,7 +166,9 @@ impl ConnectionTask {
             Err(error) => {
                 tenant.record_failure();
                 tenant.metrics.failed(&tenant.version_label(), &error);
-                tracing::warn!(listener, %peer, "connection refused: instantiation failed: {error}");
+                if tenant.warnings().admit("connection refused") {
+                    tracing::warn!(listener, %peer, "connection refused: instantiation failed: {error}");
+                }
                 return;
             }
         };
@@ -189,16 +193,22 @@ impl ConnectionTask {
                 () = &mut self.hard_stop => Ok(()),
                 closed = session.on_close() => closed,
             };
-            if let Err(error) = closed {
+            if let Err(error) = closed
+                && tenant.warnings().admit("on-close failed")
+            {
                 tracing::warn!(listener, %peer, version, "on-close failed: {error}");
             }
         }
         match end {
             End::Failed(reason) => {
-                tracing::warn!(listener, %peer, version, "connection closed: {reason}");
+                if tenant.warnings().admit("connection closed (plugin failed)") {
+                    tracing::warn!(listener, %peer, version, "connection closed: {reason}");
+                }
             }
             End::Protocol(error) => {
-                tracing::warn!(listener, %peer, version, "connection closed: {error}");
+                if tenant.warnings().admit("connection closed (framing)") {
+                    tracing::warn!(listener, %peer, version, "connection closed: {error}");
+                }
             }
             End::Idle => tracing::debug!(listener, %peer, version, "connection closed: idle"),
             End::Io(error) => tracing::debug!(listener, %peer, version, "connection lost: {error}"),
@@ -323,8 +333,10 @@ impl ConnectionTask {
         let Some(echo) = self.tenant.failure_reply(message) else {
             return Some(End::Failed(reason));
         };
-        tracing::warn!(listener = self.tenant.name(),
-            version, peer = %self.peer, "message failed, echoed (fail-open): {reason}");
+        if self.tenant.warnings().admit("message failed, echoed") {
+            tracing::warn!(listener = self.tenant.name(),
+                version, peer = %self.peer, "message failed, echoed (fail-open): {reason}");
+        }
         if let Some(end) = self.send(echo).await {
             return Some(end);
         }
@@ -361,11 +373,13 @@ impl ConnectionTask {
             Next::CarryOn => None,
             Next::CloseConnection => Some(End::PluginClosed),
             Next::StopListener if !self.tenant.config.honor_stop => {
-                tracing::warn!(
-                    listener = self.tenant.name(),
-                    peer = %self.peer,
-                    "plugin asked to stop the listener; ignored (honor-stop = false)"
-                );
+                if self.tenant.warnings().admit("stop ignored") {
+                    tracing::warn!(
+                        listener = self.tenant.name(),
+                        peer = %self.peer,
+                        "plugin asked to stop the listener; ignored (honor-stop = false)"
+                    );
+                }
                 None
             }
             Next::StopListener => {

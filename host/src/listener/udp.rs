@@ -164,7 +164,9 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
                     stopped = true;
                     break;
                 }
-                tracing::warn!(listener = tenant.name(), %peer, "plugin asked to stop the listener; ignored (honor-stop = false)");
+                if tenant.warnings().admit("stop ignored") {
+                    tracing::warn!(listener = tenant.name(), %peer, "plugin asked to stop the listener; ignored (honor-stop = false)");
+                }
             }
             if !outbox.is_empty() && waiting_since.elapsed() >= FLUSH_AFTER {
                 flush(&socket, &tenant, &mut outbox).await;
@@ -184,13 +186,15 @@ async fn flush(socket: &UdpSocket, tenant: &Tenant, outbox: &mut Outbox) {
         .flush(socket, |sent| match sent {
             Ok(len) => tenant.metrics.datagram_out(len),
             Err(unsent) => {
-                tracing::warn!(
-                    listener = tenant.name(),
-                    peer = %unsent.peer,
-                    "reply of {} bytes not sent: {}",
-                    unsent.len,
-                    unsent.error
-                );
+                if tenant.warnings().admit("reply not sent") {
+                    tracing::warn!(
+                        listener = tenant.name(),
+                        peer = %unsent.peer,
+                        "reply of {} bytes not sent: {}",
+                        unsent.len,
+                        unsent.error
+                    );
+                }
             }
         })
         .await;
@@ -278,11 +282,15 @@ fn fail(
     tenant.metrics.dropped(NoReply::Failed);
     match tenant.failure_reply(data) {
         Some(echo) => {
-            tracing::warn!(listener = tenant.name(), version, %peer, "datagram failed, echoed (fail-open): {reason}");
+            if tenant.warnings().admit("datagram failed, echoed") {
+                tracing::warn!(listener = tenant.name(), version, %peer, "datagram failed, echoed (fail-open): {reason}");
+            }
             outbox.push(peer, echo.to_vec());
         }
         None => {
-            tracing::warn!(listener = tenant.name(), version, %peer, "datagram dropped: {reason}");
+            if tenant.warnings().admit("datagram dropped") {
+                tracing::warn!(listener = tenant.name(), version, %peer, "datagram dropped: {reason}");
+            }
         }
     }
 }
