@@ -51,6 +51,10 @@ const HOSTILE: &[(&str, &str)] = &[
         "slow",
         "plugin-config = { behaviour = \"slow\", slow-ms = \"30\" }\n",
     ),
+    (
+        "sleep",
+        "plugin-config = { behaviour = \"sleep\", sleep-always = \"yes\" }\n",
+    ),
 ];
 /// The good tenant's name in the configuration.
 const GOOD: &str = "good";

@@ -11,7 +11,8 @@
 //!   fine clock, and answers with what it got;
 //! - `flood-log`: writes thousands of log lines per message;
 //! - `slow`: busy-waits `slow-ms` milliseconds (default 20), then echoes;
-//! - `sleep`: a message that starts with `sleep` blocks in a WASI pollable
+//! - `sleep`: a message that starts with `sleep` (every message, with
+//!   `sleep-always = "yes"`) blocks in a WASI pollable
 //!   (`std::thread::sleep`) for `sleep-ms` milliseconds (default an hour),
 //!   running no Wasm code meanwhile; anything else is echoed;
 //! - `sleep-on-close`: echoes, then blocks in `on-close` as `sleep` does;
@@ -71,7 +72,9 @@ fn misbehave(data: Vec<u8>) -> Decision {
             reply(data)
         }
         "sleep" => {
-            if data.starts_with(b"sleep") {
+            if data.starts_with(b"sleep")
+                || host::get_config("sleep-always").as_deref() == Some("yes")
+            {
                 sleep();
             }
             reply(data)
