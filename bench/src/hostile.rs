@@ -4,7 +4,7 @@
 //!
 //! One server runs in this process on a runtime of its own, built as
 //! `wasm-echo serve --config FILE` builds it (the same [`ServerConfig`] from
-//! the same TOML, [`Runtime::for_config`] and [`Server::bind`]): a `good`
+//! the same TOML, and [`Server::bind`]): a `good`
 //! tenant with the built-in `echo` plugin, and one tenant per behaviour of
 //! the test-only `hostile` plugin with the limits `tests/e2e/tenants.rs`
 //! gives it. The hostile plugin is not built into the binaries: host's build
@@ -29,9 +29,8 @@ use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::timeout;
-use wasm_echo::config::ServerConfig;
-use wasm_echo::plugin::Runtime;
-use wasm_echo::server::Server;
+use wasm_echo::config::{Protocol, ServerConfig};
+use wasm_echo::server::{Operations, Server};
 
 use crate::load::{self, Budget, Latency, quantile};
 use crate::report::cell;
@@ -199,11 +198,10 @@ fn load_config() -> anyhow::Result<ServerConfig> {
 /// Every tenant's UDP and TCP address, by name.
 type Addrs = Vec<(String, SocketAddr, SocketAddr)>;
 
-/// Starts the server and returns every tenant's addresses. `runtime` must
-/// outlive the server: dropping it stops the epoch ticker, and with it
-/// every call's deadline.
-async fn serve(runtime: &Runtime, config: ServerConfig) -> anyhow::Result<Addrs> {
-    let server = Server::bind(runtime, config, None).await?;
+/// Starts the server and returns every tenant's addresses. It serves until
+/// its tokio runtime is dropped.
+async fn serve(config: ServerConfig) -> anyhow::Result<Addrs> {
+    let server = Server::bind(config, Operations::default()).await?;
     let mut addrs: Addrs = Vec::new();
     let names: Vec<String> = server
         .local_addrs()
@@ -214,7 +212,7 @@ async fn serve(runtime: &Runtime, config: ServerConfig) -> anyhow::Result<Addrs>
         if addrs.iter().any(|(known, _, _)| *known == name) {
             continue;
         }
-        let of = |protocol: &str| {
+        let of = |protocol: Protocol| {
             server
                 .local_addrs()
                 .into_iter()
@@ -222,10 +220,10 @@ async fn serve(runtime: &Runtime, config: ServerConfig) -> anyhow::Result<Addrs>
                 .map(|(_, _, addr)| addr)
                 .with_context(|| format!("tenant `{name}` bound no {protocol} socket"))
         };
-        let (udp, tcp) = (of("udp")?, of("tcp")?);
+        let (udp, tcp) = (of(Protocol::Udp)?, of(Protocol::Tcp)?);
         addrs.push((name, udp, tcp));
     }
-    tokio::spawn(server.run());
+    tokio::spawn(server.run(std::future::pending()));
     Ok(addrs)
 }
 
@@ -245,7 +243,6 @@ fn addrs_of(addrs: &Addrs, name: &str) -> anyhow::Result<(SocketAddr, SocketAddr
 /// tenant's TCP connection fails or goes unanswered for 5 s.
 pub fn measure(clients: &tokio::runtime::Runtime, sizes: Sizes) -> anyhow::Result<Figures> {
     let config = load_config()?;
-    let wasm = Runtime::for_config(&config)?;
     let server = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("hostile-server")
@@ -257,7 +254,7 @@ pub fn measure(clients: &tokio::runtime::Runtime, sizes: Sizes) -> anyhow::Resul
         .enable_all()
         .build()?;
     let result = (|| {
-        let addrs = server.block_on(serve(&wasm, config))?;
+        let addrs = server.block_on(serve(config))?;
         let (udp, tcp) = addrs_of(&addrs, GOOD)?;
         let budget = Budget {
             count: 10_000_000,
@@ -315,7 +312,6 @@ pub fn measure(clients: &tokio::runtime::Runtime, sizes: Sizes) -> anyhow::Resul
     })();
     hammers.shutdown_background();
     server.shutdown_background();
-    drop(wasm);
     Ok(Figures {
         sizes,
         phases: result?,

@@ -175,7 +175,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let wasm = Runtime::new()?;
     let mut addrs = HashMap::new();
     for kind in Kind::ALL {
-        let started = servers.block_on(targets::start(kind, &wasm, "echo", 1_000))?;
+        let started = servers.block_on(targets::start(kind, "echo", 1_000))?;
         addrs.insert(kind, started);
     }
 

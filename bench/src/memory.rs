@@ -53,8 +53,7 @@ pub fn serve_child(kind: Kind, connections: usize) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let wasm = wasm_echo::plugin::Runtime::new()?;
-        let addrs = targets::start(kind, &wasm, STATEFUL_PLUGIN, connections).await?;
+        let addrs = targets::start(kind, STATEFUL_PLUGIN, connections).await?;
         println!("listening {}", addrs.tcp);
         std::io::stdout().flush()?;
         tokio::task::spawn_blocking(|| {

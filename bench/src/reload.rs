@@ -4,10 +4,9 @@
 //! swap happens. The two versions are the built-in Rust `echo` and `hello`,
 //! which answer differently, so every reply says which version sent it.
 //!
-//! The server runs in this process, wired exactly as `wasm-echo serve
-//! --watch --control PATH` wires it (the same [`Server`], [`Reloader`],
-//! [`ControlSocket`] and [`wasm_echo::watch`] calls), on a runtime of its
-//! own. A child process of the `wasm-echo` binary would need that binary
+//! The server runs in this process, started exactly as `wasm-echo serve
+//! --watch --control PATH` starts it (the same [`Server::bind`] and
+//! [`Server::run`]), on a runtime of its own. A child process of the `wasm-echo` binary would need that binary
 //! built beside this one and could be stale; the library is compiled with
 //! the harness, so what is measured is always the code in the tree. Requests
 //! still go through the real Unix socket, and swaps through real files
@@ -26,10 +25,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::net::UdpSocket;
 use tokio::time::timeout;
-use wasm_echo::control::{self, ControlSocket, Request};
-use wasm_echo::plugin::{PluginSource, Runtime};
-use wasm_echo::reload::Reloader;
-use wasm_echo::server::Server;
+use wasm_echo::config::Protocol;
+use wasm_echo::control::{self, Request};
+use wasm_echo::plugin::PluginSource;
+use wasm_echo::server::{Operations, Server};
 
 use crate::load::{nanos, quantile};
 
@@ -210,7 +209,7 @@ pub fn measure(clients: &tokio::runtime::Runtime, sizes: Sizes) -> anyhow::Resul
         .thread_name("reload-server")
         .enable_all()
         .build()?;
-    let (udp, watcher) = server.block_on(serve(&files))?;
+    let udp = server.block_on(serve(&files))?;
     let result = clients.block_on(async {
         let mut figures = Figures {
             sizes: Some(sizes),
@@ -232,36 +231,34 @@ pub fn measure(clients: &tokio::runtime::Runtime, sizes: Sizes) -> anyhow::Resul
         throughput(udp, &files, sizes, current, &mut figures).await?;
         anyhow::Ok(figures)
     });
-    drop(watcher);
     server.shutdown_background();
     result
 }
 
 /// Starts the server as `wasm-echo serve --plugin WATCHED --watch --control
-/// PATH` does, and returns its UDP address and the watcher to keep alive.
-/// The watcher comes back boxed: its type belongs to a crate the harness
-/// does not otherwise depend on, and it only has to be kept alive.
-async fn serve(files: &Files) -> anyhow::Result<(SocketAddr, Box<dyn std::any::Any + Send>)> {
+/// PATH` does (the same [`Server`], bound and run the same way), and
+/// returns its UDP address. It serves until its tokio runtime is dropped.
+async fn serve(files: &Files) -> anyhow::Result<SocketAddr> {
     let plugin = files
         .watched
         .to_str()
         .context("the temporary folder's path is not UTF-8")?;
     let config = crate::targets::listener_config(plugin, 16)?;
-    let runtime = Arc::new(Runtime::for_config(&config)?);
-    let server = Server::bind(&runtime, config, None).await?;
+    let operations = Operations {
+        control: Some(files.control.clone()),
+        control_socket: true,
+        watch: true,
+        ..Operations::default()
+    };
+    let server = Server::bind(config, operations).await?;
     let udp = server
         .local_addrs()
         .into_iter()
-        .find(|(_, protocol, _)| *protocol == "udp")
+        .find(|(_, protocol, _)| *protocol == Protocol::Udp)
         .map(|(_, _, addr)| addr)
         .context("the server bound no UDP socket")?;
-    let reloader = Arc::new(Reloader::new(runtime, server.tenants().to_vec()));
-    let socket = ControlSocket::bind(&files.control)
-        .with_context(|| format!("binding the control socket {}", files.control.display()))?;
-    tokio::spawn(socket.serve(reloader.clone()));
-    let watcher = wasm_echo::watch::spawn(reloader)?;
-    tokio::spawn(server.run());
-    Ok((udp, Box::new(watcher)))
+    tokio::spawn(server.run(std::future::pending()));
+    Ok(udp)
 }
 
 async fn client(server: SocketAddr) -> anyhow::Result<UdpSocket> {

@@ -14,10 +14,12 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
-use wasm_echo::config::{FailurePolicy, ListenerConfig, ServerConfig, TrafficLimits};
+use wasm_echo::config::{
+    FailurePolicy, ListenerConfig, Origin, Protocol, ServerConfig, TrafficLimits,
+};
 use wasm_echo::framing::{DEFAULT_MAX_MESSAGE, Framing};
-use wasm_echo::plugin::{Limits, PluginSource, Runtime};
-use wasm_echo::server::Server;
+use wasm_echo::plugin::{Limits, PluginSource};
+use wasm_echo::server::{Operations, Server};
 use wasm_echo::tenant::NativeEcho;
 
 /// Which server a measurement ran against.
@@ -78,6 +80,7 @@ pub fn listener_config(plugin: &str, connections: usize) -> anyhow::Result<Serve
         on_failure: FailurePolicy::default(),
     };
     Ok(ServerConfig {
+        origin: Origin::Flags,
         listeners: vec![listener],
         grace: Duration::from_millis(100),
         max_plugin_size: wasm_echo::plugin::DEFAULT_MAX_PLUGIN_SIZE,
@@ -86,22 +89,17 @@ pub fn listener_config(plugin: &str, connections: usize) -> anyhow::Result<Serve
 
 /// Starts `kind` on the current tokio runtime and returns its addresses.
 /// The server runs until the runtime is dropped.
-pub async fn start(
-    kind: Kind,
-    runtime: &Runtime,
-    plugin: &str,
-    connections: usize,
-) -> anyhow::Result<Addrs> {
+pub async fn start(kind: Kind, plugin: &str, connections: usize) -> anyhow::Result<Addrs> {
     match kind {
         Kind::Wasm | Kind::Native => {
             let config = listener_config(plugin, connections)?;
             let server = if kind == Kind::Wasm {
-                Server::bind(runtime, config, None).await?
+                Server::bind(config, Operations::default()).await?
             } else {
                 Server::bind_native(config, Arc::new(NativeEcho)).await?
             };
             let addrs = addrs_of(&server)?;
-            tokio::spawn(server.run());
+            tokio::spawn(server.run(std::future::pending()));
             Ok(addrs)
         }
         Kind::Tokio => plain_tokio().await,
@@ -109,7 +107,7 @@ pub async fn start(
 }
 
 fn addrs_of(server: &Server) -> anyhow::Result<Addrs> {
-    let find = |protocol: &str| {
+    let find = |protocol: Protocol| {
         server
             .local_addrs()
             .into_iter()
@@ -118,8 +116,8 @@ fn addrs_of(server: &Server) -> anyhow::Result<Addrs> {
             .with_context(|| format!("the server bound no {protocol} socket"))
     };
     Ok(Addrs {
-        udp: find("udp")?,
-        tcp: find("tcp")?,
+        udp: find(Protocol::Udp)?,
+        tcp: find(Protocol::Tcp)?,
     })
 }
 

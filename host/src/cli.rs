@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -13,14 +12,12 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::client::{self, Exchange};
 use crate::config::{
-    DEFAULT_GRACE, FailurePolicy, ListenerConfig, ServerConfig, TrafficLimits,
-    check_max_plugin_size, parse_size,
+    Origin, RawConfig, RawListener, ServerConfig, check_max_plugin_size, parse_size,
 };
-use crate::control::{self, ControlSocket};
-use crate::framing::{DEFAULT_MAX_MESSAGE, Framing};
-use crate::plugin::{DEFAULT_MAX_PLUGIN_SIZE, Limits, PluginConfig, PluginSource, Runtime};
-use crate::reload::Reloader;
-use crate::server::{DEFAULT_PORT, Server};
+use crate::control;
+use crate::framing::Framing;
+use crate::plugin::{DEFAULT_MAX_PLUGIN_SIZE, PluginSource, Runtime};
+use crate::server::{DEFAULT_PORT, Operations, Server};
 
 /// A UDP and TCP server whose every response is decided by a sandboxed
 /// WebAssembly component.
@@ -34,9 +31,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve UDP and TCP with a plugin (default: the built-in `hello` on
-    /// 0.0.0.0:12345, as in the documents).
+    /// 0.0.0.0:12345, as in the tutorial).
     Serve(Box<ServeArgs>),
-    /// Send one message, print the reply, then send `exit` (the documents'
+    /// Send one message, print the reply, then send `exit` (the tutorial's
     /// clients).
     Client(ClientArgs),
     /// Check that a plugin loads and fits the wasm-echo:plugin world; print
@@ -100,7 +97,7 @@ struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     memory_limit: Option<usize>,
     /// How the TCP byte stream is cut into messages: `raw` (each chunk as
-    /// read, as in the documents), `lines` (`\n`-terminated) or
+    /// read, as in the tutorial), `lines` (`\n`-terminated) or
     /// `length-prefixed` (big-endian u32 length, then the bytes)
     /// [default: raw].
     #[arg(long, value_enum)]
@@ -116,13 +113,14 @@ struct ServeArgs {
     grace: Option<Duration>,
     /// The largest plugin file read, here and on reloads; a larger one is
     /// refused unread [default: 128MiB].
-    #[arg(long, value_name = "SIZE", value_parser = parse_plugin_size)]
-    max_plugin_size: Option<u64>,
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_plugin_size: Option<usize>,
 }
 
 impl ServeArgs {
-    /// The configuration the flags describe: one listener, `main`.
-    fn into_config(self) -> anyhow::Result<ServerConfig> {
+    /// The configuration the flags describe, as given: one listener,
+    /// `main`, resolved and checked exactly as a file's would be.
+    fn into_raw(self) -> RawConfig {
         let (udp, tcp) = match (self.udp, self.tcp) {
             (None, None) => {
                 let all: SocketAddr = ([0, 0, 0, 0], DEFAULT_PORT).into();
@@ -130,29 +128,22 @@ impl ServeArgs {
             }
             addrs => addrs,
         };
-        let defaults = Limits::default();
-        let listener = ListenerConfig {
-            name: "main".to_owned(),
-            plugin: PluginSource::parse(self.plugin.as_deref().unwrap_or("hello"))?,
-            plugin_config: self.settings.into_iter().collect::<PluginConfig>(),
+        let listener = RawListener {
+            plugin: self.plugin.unwrap_or_else(|| "hello".to_owned()),
+            plugin_config: self.settings.into_iter().collect(),
             udp,
             tcp,
-            framing: self.framing.unwrap_or_default(),
-            max_message: self.max_message.unwrap_or(DEFAULT_MAX_MESSAGE),
-            limits: Limits {
-                call_timeout: self.call_timeout.unwrap_or(defaults.call_timeout),
-                memory_bytes: self.memory_limit.unwrap_or(defaults.memory_bytes),
-                ..defaults
-            },
-            traffic: TrafficLimits::default(),
-            honor_stop: true,
-            on_failure: FailurePolicy::default(),
+            framing: self.framing,
+            max_message: self.max_message,
+            call_timeout: self.call_timeout,
+            memory_limit: self.memory_limit,
+            ..RawListener::default()
         };
-        Ok(ServerConfig {
-            listeners: vec![listener],
-            grace: self.grace.unwrap_or(DEFAULT_GRACE),
-            max_plugin_size: self.max_plugin_size.unwrap_or(DEFAULT_MAX_PLUGIN_SIZE),
-        })
+        RawConfig {
+            grace: self.grace,
+            max_plugin_size: self.max_plugin_size,
+            listeners: [("main".to_owned(), listener)].into(),
+        }
     }
 }
 
@@ -169,7 +160,7 @@ struct ClientArgs {
     /// The server's HOST:PORT.
     #[arg(default_value = "127.0.0.1:12345")]
     addr: String,
-    /// What to send (default: the documents' "Hello, server!" for UDP,
+    /// What to send (default: the tutorial's "Hello, server!" for UDP,
     /// "hello, server" for TCP).
     message: Option<String>,
     /// Do not send `exit` after the reply (leave the server running).
@@ -267,76 +258,58 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     init_logging(args.log_format);
-    let metrics = match args.metrics {
-        Some(addr) => Some(crate::metrics::serve(addr).await?),
-        None => None,
+    let operations = Operations {
+        metrics: args.metrics,
+        control: args.control.take(),
+        control_socket: true,
+        watch: args.watch,
+        reload_on_sighup: true,
     };
-    let (watch, control) = (
-        args.watch,
-        args.control.take().unwrap_or_else(control::default_path),
-    );
-    let (config, origin) = match args.config.take() {
-        Some(path) => (ServerConfig::from_file(&path)?, Some(path)),
-        None => (args.into_config()?, None),
+    let config = match args.config.take() {
+        Some(path) => ServerConfig::from_file(&path)?,
+        None => args.into_raw().resolve(Origin::Flags)?,
     };
-    // The instance pool is sized once, for every listener's limits.
-    let mut runtime = Runtime::for_config(&config)?;
-    runtime.set_max_plugin_size(config.max_plugin_size);
-    let runtime = Arc::new(runtime);
-    let server = Server::bind(&runtime, config, origin).await?;
-    // Everything that answers from outside (control socket, watcher,
-    // signals) is ready before the `listening` lines say the server is.
-    let reloader = Arc::new(Reloader::new(runtime, server.tenants().to_vec()));
-    match ControlSocket::bind(&control) {
-        Ok(socket) => {
-            tracing::info!("control socket {}", control.display());
-            tokio::spawn(socket.serve(reloader.clone()));
-        }
-        Err(error) => tracing::warn!(
-            "no control socket at {}: {error}; `wasm-echo reload` needs --control, SIGHUP still reloads",
-            control.display()
-        ),
-    }
-    let _watcher = if watch {
-        Some(crate::watch::spawn(reloader.clone())?)
-    } else {
-        None
-    };
-    let hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
-    tokio::spawn(reload_on_sighup(hangups, reloader));
+    // Registered before the server announces itself, so that an early
+    // signal is never the default, fatal one.
     let interrupt = signal(SignalKind::interrupt()).context("listening for Ctrl-C")?;
     let terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let shutdown = server.shutdown_token();
-    tokio::spawn(async move {
-        wait_for_signal(interrupt, terminate).await;
-        tracing::info!("shutting down: no new connections; open ones may finish");
-        shutdown.cancel();
-    });
+    let server = Server::bind(config, operations).await?;
     // Scripts and tests read these lines to learn the real ports.
     for (name, protocol, addr) in server.local_addrs() {
         println!("listening {protocol} {addr} {name}");
     }
-    if let Some(addr) = metrics {
+    if let Some(addr) = server.metrics_addr() {
         println!("listening metrics {addr}");
     }
-    server.run().await;
+    server.run(wait_for_signal(interrupt, terminate)).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// SIGHUP reloads every listener's plugin from its file.
-async fn reload_on_sighup(mut hangups: Signal, reloader: Arc<Reloader>) {
-    while hangups.recv().await.is_some() {
-        if let Err(error) = reloader.reload(None, None).await {
-            tracing::warn!("reload on SIGHUP failed, nothing changed: {error}");
-        }
-    }
-}
-
 async fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
-    let path = args.control.unwrap_or_else(control::default_path);
+    let path = match args.control {
+        Some(path) => path,
+        None => control::find()?,
+    };
+    // A path is the caller's: resolved here, where it was typed, not in the
+    // server's working directory.
+    let plugin = match args
+        .plugin
+        .as_deref()
+        .map(PluginSource::parse)
+        .transpose()?
+    {
+        Some(PluginSource::File(file)) => Some(
+            std::path::absolute(&file)
+                .with_context(|| format!("resolving {}", file.display()))?
+                .to_string_lossy()
+                .into_owned(),
+        ),
+        Some(PluginSource::Builtin(name)) => Some(name.to_owned()),
+        None => None,
+    };
     let request = control::Request::Reload {
         listener: args.listener,
-        plugin: args.plugin,
+        plugin,
     };
     let response = control::send(&path, &request).await?;
     match response.error {

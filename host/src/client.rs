@@ -1,5 +1,5 @@
-//! The documents' clients: send one message, print the reply, then send
-//! `exit` so the documents' servers (and wasm-echo's `hello` plugin) stop.
+//! The tutorial's clients: send one message, print the reply, then send
+//! `exit` so the tutorial's servers (and wasm-echo's `hello` plugin) stop.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,9 +8,9 @@ use anyhow::{Context as _, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket, lookup_host};
 
-/// The message the documents' UDP client sends.
+/// The message the tutorial's UDP client sends.
 pub const UDP_MESSAGE: &str = "Hello, server!";
-/// The message the documents' TCP client sends.
+/// The message the tutorial's TCP client sends.
 pub const TCP_MESSAGE: &str = "hello, server";
 /// What both clients send last.
 pub const EXIT_MESSAGE: &str = "exit";

@@ -1,8 +1,10 @@
 //! What a server runs: its listeners (tenants), each with a plugin, its
 //! addresses, its framing and its limits. A configuration comes from the
-//! command line (one listener) or from a TOML file (any number); either way
-//! it is checked whole before anything binds, and every mistake is reported
-//! in one line naming the file, the key and the reason.
+//! command line (one listener) or from a TOML file (any number). Both are
+//! first a [`RawConfig`], the settings as given, and both go through one
+//! resolution ([`RawConfig::resolve`]) with the defaults and the checks, so
+//! a flag gets exactly the error a file gets for the same mistake: one line
+//! naming where (`FILE: listeners.NAME.KEY` or `--KEY`) and why.
 //!
 //! Loading the plugins a configuration names, and binding its addresses,
 //! are the server's business.
@@ -11,17 +13,20 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::framing::{DEFAULT_MAX_MESSAGE, Framing};
-use crate::plugin::{Limits, PluginConfig, PluginSource};
+use crate::plugin::{Limits, PluginConfig, PluginSource, PoolSize};
 
-/// A whole server's configuration.
+/// A whole server's configuration, resolved and checked.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
+    /// Where it came from, for errors found later (a plugin that does not
+    /// load, an address that cannot be bound).
+    pub origin: Origin,
     /// The listeners, in the order they were given.
     pub listeners: Vec<ListenerConfig>,
     /// How long open TCP connections may go on once their listener stops.
@@ -91,7 +96,7 @@ pub struct RateLimit {
 impl TrafficLimits {
     /// Any UDP reply may be this long whatever the request's size: with the
     /// 28 bytes of IP and UDP headers a request costs, that is no useful
-    /// amplification, and the documents' `Hello, client!` fits.
+    /// amplification, and the tutorial's `Hello, client!` fits.
     pub const UDP_REPLY_ALLOWANCE: usize = 64;
 
     /// The longest reply allowed to a datagram of `request_len` bytes.
@@ -136,56 +141,51 @@ pub struct ConfigError {
     reason: String,
 }
 
-impl ConfigError {
-    /// A mistake about `key` in the file at `path`.
-    pub fn at(path: &Path, key: &str, reason: impl fmt::Display) -> Self {
-        Self {
-            location: format!("{}: {key}", path.display()),
-            reason: reason.to_string(),
-        }
-    }
+/// A configuration as given, before defaults and checks: the TOML file's
+/// format (`grace`, then `[listeners.NAME]` tables), and what the command
+/// line's flags are turned into.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[allow(missing_docs)] // the keys are documented in wasm-echo.example.toml
+pub struct RawConfig {
+    #[serde(default, deserialize_with = "duration")]
+    pub grace: Option<Duration>,
+    #[serde(default, deserialize_with = "size")]
+    pub max_plugin_size: Option<usize>,
+    pub listeners: BTreeMap<String, RawListener>,
 }
 
-/// The file format: `grace`, then `[listeners.NAME]` tables.
-#[derive(Debug, Deserialize)]
+/// One listener as given (see [`RawConfig`]).
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct FileConfig {
-    #[serde(default, deserialize_with = "duration")]
-    grace: Option<Duration>,
-    #[serde(default, deserialize_with = "size")]
-    max_plugin_size: Option<usize>,
-    listeners: BTreeMap<String, FileListener>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct FileListener {
-    plugin: String,
-    udp: Option<SocketAddr>,
-    tcp: Option<SocketAddr>,
+#[allow(missing_docs)] // the keys are documented in wasm-echo.example.toml
+pub struct RawListener {
+    pub plugin: String,
+    pub udp: Option<SocketAddr>,
+    pub tcp: Option<SocketAddr>,
     #[serde(default)]
-    framing: Option<Framing>,
+    pub framing: Option<Framing>,
     #[serde(default, deserialize_with = "size")]
-    max_message: Option<usize>,
-    honor_stop: Option<bool>,
-    on_failure: Option<FailurePolicy>,
+    pub max_message: Option<usize>,
+    pub honor_stop: Option<bool>,
+    pub on_failure: Option<FailurePolicy>,
     #[serde(default, deserialize_with = "duration")]
-    call_timeout: Option<Duration>,
+    pub call_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "size")]
-    memory_limit: Option<usize>,
-    table_elements: Option<usize>,
-    instances: Option<usize>,
+    pub memory_limit: Option<usize>,
+    pub table_elements: Option<usize>,
+    pub instances: Option<usize>,
     #[serde(default, deserialize_with = "size")]
-    max_reply: Option<usize>,
-    udp_amplification: Option<usize>,
-    max_connections: Option<usize>,
+    pub max_reply: Option<usize>,
+    pub udp_amplification: Option<usize>,
+    pub max_connections: Option<usize>,
     #[serde(default, deserialize_with = "duration")]
-    idle_timeout: Option<Duration>,
-    rate_limit: Option<u32>,
-    rate_burst: Option<u32>,
-    log_rate: Option<u32>,
+    pub idle_timeout: Option<Duration>,
+    pub rate_limit: Option<u32>,
+    pub rate_burst: Option<u32>,
+    pub log_rate: Option<u32>,
     #[serde(default)]
-    plugin_config: BTreeMap<String, String>,
+    pub plugin_config: BTreeMap<String, String>,
 }
 
 /// The default grace period for open connections.
@@ -225,43 +225,37 @@ impl ServerConfig {
         let text = String::from_utf8(bytes).map_err(|error| read(&error))?;
         let deserializer =
             toml::Deserializer::parse(&text).map_err(|error| parse_error(path, &text, &error))?;
-        let file: FileConfig = serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|error| {
             let key = error.path().to_string();
             let inner = error.into_inner();
             let line = inner.span().map(|span| line_of(&text, span.start));
+            let location = match (line, key.as_str()) {
+                (Some(line), ".") => format!("{}:{line}", path.display()),
+                (None, ".") => path.display().to_string(),
+                (Some(line), key) => format!("{}:{line}: {key}", path.display()),
+                (None, key) => format!("{}: {key}", path.display()),
+            };
             ConfigError {
-                location: match line {
-                    Some(line) => format!("{}:{line}: {key}", path.display()),
-                    None => format!("{}: {key}", path.display()),
-                },
+                location,
                 reason: inner.message().trim().to_owned(),
             }
         })?;
-        if file.listeners.is_empty() {
-            return Err(ConfigError::at(
-                path,
-                "listeners",
-                "no listeners: add a [listeners.NAME] table",
-            ));
+        raw.resolve(Origin::File(path.to_owned()))
+    }
+
+    /// The instance pool this configuration needs: every listener's
+    /// `max-connections` plus its UDP instance, with the largest memory and
+    /// table limits any listener sets.
+    pub fn pool_size(&self) -> PoolSize {
+        let mut instances = 0usize;
+        let mut memory_bytes = 0;
+        let mut table_elements = 0;
+        for listener in &self.listeners {
+            instances += listener.traffic.max_connections + usize::from(listener.udp.is_some());
+            memory_bytes = memory_bytes.max(listener.limits.memory_bytes);
+            table_elements = table_elements.max(listener.limits.table_elements);
         }
-        let base = path.parent().unwrap_or(Path::new("."));
-        let mut listeners = Vec::new();
-        for (name, listener) in file.listeners {
-            listeners.push(listener.resolve(path, base, name)?);
-        }
-        let max_plugin_size =
-            file.max_plugin_size
-                .map_or(Ok(crate::plugin::DEFAULT_MAX_PLUGIN_SIZE), |bytes| {
-                    check_max_plugin_size(bytes as u64)
-                        .map_err(|reason| ConfigError::at(path, "max-plugin-size", reason))
-                })?;
-        let config = Self {
-            listeners,
-            grace: file.grace.unwrap_or(DEFAULT_GRACE),
-            max_plugin_size,
-        };
-        config.check(path)?;
-        Ok(config)
+        PoolSize::sized(instances, memory_bytes, table_elements)
     }
 
     /// Checks what each listener's keys cannot say alone: that no two
@@ -270,18 +264,17 @@ impl ServerConfig {
     /// # Errors
     ///
     /// A [`ConfigError`] naming both listeners.
-    pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
-        let mut seen: Vec<(&str, SocketAddr, &str)> = Vec::new();
+    fn check(&self) -> Result<(), ConfigError> {
+        let mut seen: Vec<(Protocol, SocketAddr, &str)> = Vec::new();
         for listener in &self.listeners {
-            let sockets = [("udp", listener.udp), ("tcp", listener.tcp)];
-            for (protocol, addr) in sockets.into_iter().filter_map(|(p, a)| a.map(|a| (p, a))) {
+            for (protocol, addr) in listener.sockets() {
                 if let Some((_, _, other)) = seen
                     .iter()
                     .find(|(p, a, _)| *p == protocol && overlaps(*a, addr))
                 {
-                    return Err(ConfigError::at(
-                        path,
-                        &format!("listeners.{}.{protocol}", listener.name),
+                    return Err(self.origin.error(
+                        Some(&listener.name),
+                        protocol.key(),
                         format!("{protocol} {addr} is also listener `{other}`'s address"),
                     ));
                 }
@@ -289,6 +282,120 @@ impl ServerConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// Where a configuration came from, which is what its errors name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A TOML file: errors name the file and the key; relative plugin paths
+    /// are relative to its folder.
+    File(PathBuf),
+    /// `serve`'s flags: errors name the flag; relative plugin paths are
+    /// relative to the working directory.
+    Flags,
+}
+
+impl Origin {
+    /// A mistake about `key`, of `listener` (or of the whole server).
+    pub fn error(
+        &self,
+        listener: Option<&str>,
+        key: &str,
+        reason: impl fmt::Display,
+    ) -> ConfigError {
+        let location = match (self, listener) {
+            (Self::File(path), Some(name)) => format!("{}: listeners.{name}.{key}", path.display()),
+            (Self::File(path), None) => format!("{}: {key}", path.display()),
+            (Self::Flags, _) => format!("--{key}"),
+        };
+        ConfigError {
+            location,
+            reason: reason.to_string(),
+        }
+    }
+
+    /// The folder relative plugin paths start from.
+    fn base(&self) -> PathBuf {
+        match self {
+            Self::File(path) => path.parent().unwrap_or(Path::new(".")).to_owned(),
+            Self::Flags => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+        }
+    }
+}
+
+/// A transport a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// Datagrams.
+    Udp,
+    /// Connections.
+    Tcp,
+}
+
+impl Protocol {
+    /// The configuration key (and flag) that gives its address.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.key())
+    }
+}
+
+impl ListenerConfig {
+    /// The sockets this listener serves, UDP first.
+    pub fn sockets(&self) -> impl Iterator<Item = (Protocol, SocketAddr)> + use<> {
+        [(Protocol::Udp, self.udp), (Protocol::Tcp, self.tcp)]
+            .into_iter()
+            .filter_map(|(protocol, addr)| addr.map(|addr| (protocol, addr)))
+    }
+}
+
+impl RawConfig {
+    /// Applies the defaults and every check, the same for a file and for
+    /// flags; `origin` says which, for errors and relative paths.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] for the first mistake.
+    pub fn resolve(self, origin: Origin) -> Result<ServerConfig, ConfigError> {
+        if self.listeners.is_empty() {
+            return Err(origin.error(
+                None,
+                "listeners",
+                "no listeners: add a [listeners.NAME] table",
+            ));
+        }
+        let max_plugin_size = match self.max_plugin_size {
+            None => crate::plugin::DEFAULT_MAX_PLUGIN_SIZE,
+            Some(bytes) => check_max_plugin_size(bytes as u64)
+                .map_err(|reason| origin.error(None, "max-plugin-size", reason))?,
+        };
+        let grace = in_range(
+            self.grace.unwrap_or(DEFAULT_GRACE),
+            Duration::ZERO..=Duration::from_secs(3600),
+            |v| humantime::format_duration(*v),
+        )
+        .map_err(|reason| origin.error(None, "grace", reason))?;
+        let mut listeners = Vec::new();
+        for (name, listener) in self.listeners {
+            listeners.push(listener.resolve(&origin, name)?);
+        }
+        let config = ServerConfig {
+            listeners,
+            grace,
+            max_plugin_size,
+            origin,
+        };
+        config.check()?;
+        Ok(config)
     }
 }
 
@@ -300,37 +407,30 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
-impl FileListener {
-    fn resolve(
-        self,
-        path: &Path,
-        base: &Path,
-        name: String,
-    ) -> Result<ListenerConfig, ConfigError> {
-        let key = |field: &str| format!("listeners.{name}.{field}");
+impl RawListener {
+    fn resolve(self, origin: &Origin, name: String) -> Result<ListenerConfig, ConfigError> {
+        let error = |field: &str, reason: String| origin.error(Some(&name), field, reason);
         let plugin = match PluginSource::parse(&self.plugin) {
             Ok(PluginSource::File(file)) if file.is_relative() => {
-                PluginSource::File(base.join(file))
+                PluginSource::File(origin.base().join(file))
             }
             Ok(source) => source,
-            Err(error) => return Err(ConfigError::at(path, &key("plugin"), error)),
+            Err(reason) => return Err(error("plugin", reason.to_string())),
         };
         if self.udp.is_none() && self.tcp.is_none() {
-            return Err(ConfigError::at(
-                path,
-                &key("udp"),
-                "a listener needs `udp`, `tcp` or both",
+            return Err(error(
+                "udp",
+                "a listener needs `udp`, `tcp` or both".to_owned(),
             ));
         }
         let defaults = Limits::default();
         let traffic = TrafficLimits::default();
         let check = |field: &str, value: usize, range: RangeInclusive<usize>| {
-            in_range(value, range, |v| *v)
-                .map_err(|reason| ConfigError::at(path, &key(field), reason))
+            in_range(value, range, |v| *v).map_err(|reason| error(field, reason))
         };
         let check_duration = |field: &str, value: Duration, range: RangeInclusive<Duration>| {
             in_range(value, range, |v| humantime::format_duration(*v))
-                .map_err(|reason| ConfigError::at(path, &key(field), reason))
+                .map_err(|reason| error(field, reason))
         };
         let limits = Limits {
             call_timeout: check_duration(
@@ -509,6 +609,24 @@ fn duration<'de, D: serde::Deserializer<'de>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The plugin runtime sizes its default pool without reading this
+    /// module; this keeps the two defaults in step.
+    #[test]
+    fn the_default_pool_fits_one_default_listener() {
+        let listener = RawListener {
+            plugin: "echo".to_owned(),
+            udp: Some(([127, 0, 0, 1], 0).into()),
+            ..RawListener::default()
+        };
+        let config = RawConfig {
+            listeners: [("main".to_owned(), listener)].into(),
+            ..RawConfig::default()
+        }
+        .resolve(Origin::Flags)
+        .expect("valid");
+        assert_eq!(config.pool_size(), PoolSize::default());
+    }
 
     #[test]
     fn sizes_parse_with_binary_units() {

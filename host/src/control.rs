@@ -1,8 +1,14 @@
 //! The control socket: a Unix socket (mode 0600) through which `wasm-echo
 //! reload` asks a running server to reload. One JSON request per line, one
-//! JSON answer per line. By default it lives at
-//! `$XDG_RUNTIME_DIR/wasm-echo.sock` (or `/tmp/wasm-echo.sock` without a
-//! runtime dir); `--control PATH` picks another.
+//! JSON answer per line.
+//!
+//! Every server has a socket of its own. By default it lives in the
+//! control folder ([`default_dir`]: `$XDG_RUNTIME_DIR/wasm-echo`, or
+//! `/tmp/wasm-echo-UID`, mode 0700), named for the server's configuration
+//! file (or `serve`) and its process id, so two servers on one machine never
+//! share one; `--control PATH` picks another. A client without `--control`
+//! looks in that folder ([`find`]): one live server there is the one meant;
+//! with several, it names them all and asks which.
 //!
 //! What a reload does is [`crate::reload`]'s business.
 
@@ -17,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::plugin::PluginSource;
 use crate::reload::{Reloader, Swap};
 
 /// What a client may ask.
@@ -27,7 +34,8 @@ pub enum Request {
     Reload {
         /// The listener, or all of them.
         listener: Option<String>,
-        /// A built-in's name or a component's path, or each listener's own.
+        /// A built-in's name or a component's absolute path, or each
+        /// listener's own.
         plugin: Option<String>,
     },
 }
@@ -49,12 +57,95 @@ const MAX_REQUEST: u64 = 64 * 1024;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where the control socket lives unless `--control` says otherwise.
-pub fn default_path() -> PathBuf {
-    std::env::var_os("XDG_RUNTIME_DIR")
-        .filter(|dir| !dir.is_empty())
-        .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
-        .join("wasm-echo.sock")
+/// The folder every server's default control socket is made in.
+pub fn default_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|dir| !dir.is_empty()) {
+        Some(runtime) => PathBuf::from(runtime).join("wasm-echo"),
+        None => PathBuf::from(format!(
+            "/tmp/wasm-echo-{}",
+            rustix::process::getuid().as_raw()
+        )),
+    }
+}
+
+/// This server's default control socket: in [`default_dir`], named for its
+/// configuration file (`serve` without one) and its process id.
+pub fn default_path(config: Option<&Path>) -> PathBuf {
+    let name = config.and_then(Path::file_stem).map_or_else(
+        || "serve".to_owned(),
+        |stem| stem.to_string_lossy().into_owned(),
+    );
+    default_dir().join(format!("{name}-{}.sock", std::process::id()))
+}
+
+/// Makes the control folder, or checks the one there: it must be this
+/// user's and no one else's, or another user could answer in a server's
+/// place.
+fn prepare_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(error) => return Err(error),
+    }
+    let metadata = std::fs::symlink_metadata(dir)?;
+    let mine = metadata.uid() == rustix::process::getuid().as_raw();
+    if !metadata.is_dir() || !mine || metadata.mode() & 0o077 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a folder of this user's alone (mode 0700); remove it or give --control",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Which server a client without `--control` means: the one live control
+/// socket in [`default_dir`]. Sockets left behind by servers that are gone
+/// are removed on the way.
+///
+/// # Errors
+///
+/// No server is running, or several are (the error names them all).
+pub fn find() -> anyhow::Result<PathBuf> {
+    let dir = default_dir();
+    let entries = std::fs::read_dir(&dir).map_err(|error| {
+        anyhow::anyhow!(
+            "no wasm-echo server found: cannot read {}: {error}; is one running? (or give --control PATH)",
+            dir.display()
+        )
+    })?;
+    let mut live: Vec<PathBuf> = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|ext| ext != "sock") {
+            continue;
+        }
+        match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(_) => live.push(path),
+            Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(_) => {}
+        }
+    }
+    live.sort();
+    match live.len() {
+        0 => anyhow::bail!(
+            "no wasm-echo server found: no live control socket in {}; is one running? (or give --control PATH)",
+            dir.display()
+        ),
+        1 => Ok(live.remove(0)),
+        n => anyhow::bail!(
+            "{n} wasm-echo servers are running; say which with --control: {}",
+            live.iter()
+                .map(|path| path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 /// The bound control socket; the file is removed when this is dropped.
@@ -70,6 +161,11 @@ impl ControlSocket {
     ///
     /// Another server answers on `path`, or the socket cannot be made.
     pub fn bind(path: &Path) -> io::Result<Self> {
+        if let Some(dir) = path.parent()
+            && dir == default_dir()
+        {
+            prepare_dir(dir)?;
+        }
         if path.exists() {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(io::Error::new(
@@ -87,10 +183,19 @@ impl ControlSocket {
         })
     }
 
-    /// Answers requests until the process ends.
-    pub async fn serve(self, reloader: Arc<Reloader>) {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Answers requests until `stop`.
+    pub async fn serve(self, reloader: Arc<Reloader>, stop: tokio_util::sync::CancellationToken) {
         loop {
-            match self.listener.accept().await {
+            let accepted = tokio::select! {
+                () = stop.cancelled() => return,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
                 Ok((stream, _)) => {
                     let reloader = reloader.clone();
                     tokio::spawn(async move {
@@ -122,10 +227,18 @@ async fn answer(stream: UnixStream, reloader: &Reloader) -> anyhow::Result<()> {
         .await
         .context("no request within 5s")?
         .context("reading the request")?;
-    let response = match serde_json::from_str::<Request>(&line) {
-        Ok(Request::Reload { listener, plugin }) => match reloader
-            .reload(listener.as_deref(), plugin.as_deref())
-            .await
+    let request = serde_json::from_str::<Request>(&line)
+        .map_err(|error| format!("bad request: {error}"))
+        .and_then(|Request::Reload { listener, plugin }| {
+            let plugin = plugin
+                .as_deref()
+                .map(PluginSource::parse)
+                .transpose()
+                .map_err(|error| error.to_string())?;
+            Ok((listener, plugin))
+        });
+    let response = match request {
+        Ok((listener, plugin)) => match reloader.reload(listener.as_deref(), plugin.as_ref()).await
         {
             Ok(swaps) => Response {
                 ok: true,
@@ -144,7 +257,7 @@ async fn answer(stream: UnixStream, reloader: &Reloader) -> anyhow::Result<()> {
         Err(error) => Response {
             ok: false,
             swaps: Vec::new(),
-            error: Some(format!("bad request: {error}")),
+            error: Some(error),
         },
     };
     let mut text = serde_json::to_string(&response)?;

@@ -1,7 +1,7 @@
 //! Framing: how a TCP listener cuts its byte stream into the messages a
 //! plugin sees, and frames the plugin's replies the same way. TCP delivers
 //! bytes, not messages: one `send` may arrive in pieces and several may
-//! arrive together (the documents' 粘包/拆包), so a protocol handler needs
+//! arrive together (the tutorial's 粘包/拆包), so a protocol handler needs
 //! the host to reassemble messages before it sees them.
 //!
 //! The decoders are tokio-util's codecs; this module picks one per mode,
@@ -17,7 +17,7 @@ use crate::plugin;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Framing {
-    /// Each chunk read from the socket is one message, as in the documents.
+    /// Each chunk read from the socket is one message, as in the tutorial.
     #[default]
     Raw,
     /// Messages end with `\n` (`\r\n` too); replies get a `\n` appended when

@@ -22,6 +22,7 @@
 //! | `wasm_echo_plugin_info` (1 for the current version, 0 for replaced ones) | listener, version, plugin, digest |
 
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -39,27 +40,59 @@ const BUCKETS: &[f64] = &[
     5e-2, 0.1, 0.25, 0.5, 1.0, 5.0, 60.0,
 ];
 
-/// Installs the recorder and binds the HTTP endpoint; returns the bound
-/// address (the real port when port 0 was asked for).
+/// The `/metrics` endpoint, bound and not yet answering.
+pub struct MetricsEndpoint {
+    listener: TcpListener,
+    handle: PrometheusHandle,
+}
+
+/// The process's one recorder: installed by the first endpoint bound, and
+/// shared by any later one (tests run several servers in one process).
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the recorder (once per process) and binds the HTTP endpoint.
+/// Call it before any series is registered: a series registered while no
+/// recorder is installed records nothing, ever.
 ///
 /// # Errors
 ///
-/// A recorder is already installed, or the address cannot be bound.
-pub async fn serve(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), BUCKETS)
-        .context("configuring histogram buckets")?
-        .install_recorder()
-        .context("installing the metrics recorder")?;
+/// Another recorder is installed, or the address cannot be bound.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<MetricsEndpoint> {
+    let handle = match RECORDER.get() {
+        Some(handle) => handle.clone(),
+        None => {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), BUCKETS)
+                .context("configuring histogram buckets")?
+                .install_recorder()
+                .context("installing the metrics recorder")?;
+            RECORDER.get_or_init(|| handle).clone()
+        }
+    };
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot serve metrics on {addr}"))?;
-    let bound = listener
-        .local_addr()
-        .context("reading the metrics address")?;
-    tokio::spawn(upkeep(handle.clone()));
-    tokio::spawn(answer_scrapes(listener, handle));
-    Ok(bound)
+    Ok(MetricsEndpoint { listener, handle })
+}
+
+impl MetricsEndpoint {
+    /// The bound address (the real port when port 0 was asked for).
+    ///
+    /// # Errors
+    ///
+    /// The socket cannot say.
+    pub fn addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Answers scrapes and folds histogram samples until `stop`.
+    pub async fn serve(self, stop: tokio_util::sync::CancellationToken) {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = upkeep(self.handle.clone()) => {}
+            () = answer_scrapes(self.listener, self.handle) => {}
+        }
+    }
 }
 
 /// How often histogram samples are folded into their buckets.

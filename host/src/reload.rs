@@ -27,9 +27,10 @@ pub enum ReloadError {
         /// The listeners there are.
         known: String,
     },
-    /// `--plugin` named neither a built-in nor a file.
-    #[error("{0}")]
-    Source(LoadError),
+    /// A plugin path that is not absolute: the client resolves paths
+    /// where its user typed them.
+    #[error("plugin path {} is not absolute; `wasm-echo reload` sends absolute paths", .0.display())]
+    RelativePath(std::path::PathBuf),
     /// The new version does not load.
     #[error("listener `{listener}`: {error}")]
     Load {
@@ -133,7 +134,7 @@ impl Reloader {
     pub async fn reload(
         &self,
         listener: Option<&str>,
-        plugin: Option<&str>,
+        plugin: Option<&PluginSource>,
     ) -> Result<Vec<Swap>, ReloadError> {
         let _busy = self.busy.lock().await;
         let result = self.try_reload(listener, plugin).await;
@@ -150,7 +151,7 @@ impl Reloader {
     async fn try_reload(
         &self,
         listener: Option<&str>,
-        plugin: Option<&str>,
+        requested: Option<&PluginSource>,
     ) -> Result<Vec<Swap>, ReloadError> {
         let tenants: Vec<&Arc<Tenant>> = match listener {
             Some(name) => {
@@ -171,10 +172,12 @@ impl Reloader {
             }
             None => self.tenants.iter().collect(),
         };
-        let requested = plugin
-            .map(PluginSource::parse)
-            .transpose()
-            .map_err(ReloadError::Source)?;
+        if let Some(PluginSource::File(path)) = requested
+            && path.is_relative()
+        {
+            // Relative to what? The caller's folder is not the server's.
+            return Err(ReloadError::RelativePath(path.clone()));
+        }
 
         let mut ready = Vec::new();
         for tenant in tenants {
@@ -182,7 +185,7 @@ impl Reloader {
                 .current()
                 .ok_or_else(|| ReloadError::Native(tenant.name().to_owned()))?;
             let source = requested
-                .clone()
+                .cloned()
                 .unwrap_or_else(|| current.source().clone());
             let runtime = self.runtime.clone();
             let compiled = tokio::task::spawn_blocking(move || runtime.load(&source)).await;

@@ -1,28 +1,58 @@
-//! The server: loads every listener's plugin, binds every socket, runs one
-//! listener task per socket (a UDP listener on a thread of its own), and ends when all of them have stopped, either
-//! because their plugins said so (the documents' `exit`) or because the
-//! process was asked to shut down.
+//! The server, the one entry point every way of running wasm-echo goes
+//! through (the `serve` command, the benchmark, in-process tests), in the
+//! shape of mini-redis's `server::run`: [`Server::bind`] loads every
+//! listener's plugin, binds every socket, the `/metrics` endpoint and the
+//! control socket; [`Server::run`] serves until a shutdown future resolves
+//! or every listener has stopped by itself (their plugins said `exit`).
+//!
+//! Everything it starts (listener tasks, one thread per UDP listener, the
+//! control socket, the file watcher, SIGHUP reloads, the metrics endpoint,
+//! the warning summaries) runs on one task tracker under one cancellation
+//! token, and `run` returns only once all of it has stopped.
 //!
 //! Nothing binds until every plugin has loaded: a bad configuration leaves
-//! no half-started server behind.
+//! no half-started server behind. Parsing flags, setting up logging and
+//! choosing which signals shut it down are the caller's business.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::task::JoinSet;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::config::{ConfigError, ServerConfig};
+use crate::config::{Protocol, ServerConfig};
+use crate::control::ControlSocket;
 use crate::listener;
+use crate::metrics::MetricsEndpoint;
 use crate::plugin::{Plugin, PluginSource, Runtime};
+use crate::reload::Reloader;
 use crate::tenant::{NativeHandler, Tenant};
 
-/// The documents' port.
+/// The tutorial's port.
 pub const DEFAULT_PORT: u16 = 12345;
+
+/// How operators reach a running server, besides its listeners.
+#[derive(Clone, Debug, Default)]
+pub struct Operations {
+    /// Serve Prometheus metrics here (`serve --metrics`).
+    pub metrics: Option<SocketAddr>,
+    /// The control socket: this path, or (`None`) the server's default one
+    /// in [`crate::control::default_dir`].
+    pub control: Option<PathBuf>,
+    /// Whether to have a control socket at all.
+    pub control_socket: bool,
+    /// Reload a listener when its plugin file changes (`serve --watch`).
+    pub watch: bool,
+    /// Reload every listener's plugin from its file on SIGHUP.
+    pub reload_on_sighup: bool,
+}
 
 /// One bound socket and the tenant it serves.
 struct Socket {
@@ -37,41 +67,42 @@ enum SocketKind {
 
 /// A server whose sockets are bound, not yet serving.
 pub struct Server {
+    /// Compiles reloads; `None` for native tenants, which have no plugin.
+    runtime: Option<Arc<Runtime>>,
     tenants: Vec<Arc<Tenant>>,
     sockets: Vec<Socket>,
     grace: Duration,
-    shutdown: CancellationToken,
+    /// The `/metrics` endpoint, if asked for; bound before any tenant was
+    /// made, so that their series are recorded.
+    metrics: Option<(SocketAddr, MetricsEndpoint)>,
+    control: Option<ControlSocket>,
+    operations: Operations,
 }
 
 impl Server {
-    /// Loads every plugin (each distinct one once), then binds every socket.
-    /// `origin` is the configuration file, named in errors.
+    /// Loads every plugin (each distinct one once), then binds every
+    /// socket, the metrics endpoint and the control socket.
     ///
     /// # Errors
     ///
-    /// A plugin that does not load, or an address that cannot be bound.
-    pub async fn bind(
-        runtime: &Runtime,
-        config: ServerConfig,
-        origin: Option<PathBuf>,
-    ) -> anyhow::Result<Self> {
+    /// A plugin that does not load (named as the configuration named it),
+    /// an address that cannot be bound, or a control socket that cannot be
+    /// made.
+    pub async fn bind(config: ServerConfig, operations: Operations) -> anyhow::Result<Self> {
+        let metrics = bind_metrics(&operations).await?;
+        // The instance pool is sized once, for every listener's limits.
+        let mut runtime = Runtime::with_pool(config.pool_size())?;
+        runtime.set_max_plugin_size(config.max_plugin_size);
+        let runtime = Arc::new(runtime);
         let mut loaded: HashMap<PluginSource, Arc<Plugin>> = HashMap::new();
         let mut tenants = Vec::new();
         for listener in config.listeners {
             let plugin = match loaded.get(&listener.plugin) {
                 Some(plugin) => plugin.clone(),
                 None => {
-                    let plugin = runtime
-                        .load(&listener.plugin)
-                        .map_err(|error| match &origin {
-                            Some(path) => ConfigError::at(
-                                path,
-                                &format!("listeners.{}.plugin", listener.name),
-                                error,
-                            )
-                            .into(),
-                            None => anyhow::Error::from(error),
-                        })?;
+                    let plugin = runtime.load(&listener.plugin).map_err(|error| {
+                        config.origin.error(Some(&listener.name), "plugin", error)
+                    })?;
                     let plugin = Arc::new(plugin);
                     loaded.insert(listener.plugin.clone(), plugin.clone());
                     plugin
@@ -79,11 +110,38 @@ impl Server {
             };
             tenants.push(Arc::new(Tenant::wasm(listener, plugin)));
         }
-        Self::bind_tenants(tenants, config.grace).await
+        let sockets = bind_sockets(&tenants).await?;
+        let control = if operations.control_socket {
+            let path = operations.control.clone().unwrap_or_else(|| {
+                let file = match &config.origin {
+                    crate::config::Origin::File(path) => Some(path.as_path()),
+                    crate::config::Origin::Flags => None,
+                };
+                crate::control::default_path(file)
+            });
+            Some(ControlSocket::bind(&path).with_context(|| {
+                format!(
+                    "cannot make the control socket {}; pick another with --control",
+                    path.display()
+                )
+            })?)
+        } else {
+            None
+        };
+        Ok(Self {
+            runtime: Some(runtime),
+            tenants,
+            sockets,
+            grace: config.grace,
+            metrics,
+            control,
+            operations,
+        })
     }
 
     /// Like [`Server::bind`], with native code in place of every plugin:
-    /// the benchmark's measure of the host without WebAssembly.
+    /// the benchmark's measure of the host without WebAssembly. No
+    /// reloads, so no control socket or watcher.
     ///
     /// # Errors
     ///
@@ -92,50 +150,29 @@ impl Server {
         config: ServerConfig,
         handler: Arc<dyn NativeHandler>,
     ) -> anyhow::Result<Self> {
-        let tenants = config
+        let tenants: Vec<Arc<Tenant>> = config
             .listeners
             .into_iter()
             .map(|listener| Arc::new(Tenant::native(listener, handler.clone())))
             .collect();
-        Self::bind_tenants(tenants, config.grace).await
-    }
-
-    async fn bind_tenants(tenants: Vec<Arc<Tenant>>, grace: Duration) -> anyhow::Result<Self> {
-        let mut sockets = Vec::new();
-        for tenant in &tenants {
-            if let Some(addr) = tenant.config.udp {
-                let socket = UdpSocket::bind(addr)
-                    .await
-                    .map_err(|e| bind_error("udp", addr, &e))?;
-                sockets.push(Socket {
-                    tenant: tenant.clone(),
-                    kind: SocketKind::Udp(socket),
-                });
-            }
-            if let Some(addr) = tenant.config.tcp {
-                let socket = TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| bind_error("tcp", addr, &e))?;
-                sockets.push(Socket {
-                    tenant: tenant.clone(),
-                    kind: SocketKind::Tcp(socket),
-                });
-            }
-        }
+        let sockets = bind_sockets(&tenants).await?;
         Ok(Self {
+            runtime: None,
             tenants,
             sockets,
-            grace,
-            shutdown: CancellationToken::new(),
+            grace: config.grace,
+            metrics: None,
+            control: None,
+            operations: Operations::default(),
         })
     }
 
     /// The bound sockets as (listener name, protocol, address), with the
     /// real port where port 0 was asked for.
-    pub fn local_addrs(&self) -> Vec<(&str, &'static str, SocketAddr)> {
+    pub fn local_addrs(&self) -> Vec<(&str, Protocol, SocketAddr)> {
         let addr = |socket: &Socket| match &socket.kind {
-            SocketKind::Udp(udp) => udp.local_addr().map(|addr| ("udp", addr)),
-            SocketKind::Tcp(tcp) => tcp.local_addr().map(|addr| ("tcp", addr)),
+            SocketKind::Udp(udp) => udp.local_addr().map(|addr| (Protocol::Udp, addr)),
+            SocketKind::Tcp(tcp) => tcp.local_addr().map(|addr| (Protocol::Tcp, addr)),
         };
         self.sockets
             .iter()
@@ -147,18 +184,86 @@ impl Server {
             .collect()
     }
 
-    /// The tenants, for reloads.
+    /// The address `/metrics` is served on, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// The control socket's path, if there is one.
+    pub fn control_path(&self) -> Option<&Path> {
+        self.control.as_ref().map(ControlSocket::path)
+    }
+
+    /// The tenants, for tests and the benchmark.
     pub fn tenants(&self) -> &[Arc<Tenant>] {
         &self.tenants
     }
 
-    /// Cancel this to shut the server down gracefully.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
+    /// Serves until `shutdown` resolves (then gives open connections the
+    /// grace period) or every listener has stopped by itself, then stops
+    /// everything else it started and returns once all of it has.
+    ///
+    /// # Errors
+    ///
+    /// The file watcher or the SIGHUP handler cannot be set up; nothing is
+    /// served then.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let reloader = self
+            .runtime
+            .clone()
+            .map(|runtime| Arc::new(Reloader::new(runtime, self.tenants.clone())));
+        // Everything that answers from outside is ready before the first
+        // datagram is served.
+        let _watcher = match (&reloader, self.operations.watch) {
+            (Some(reloader), true) => Some(crate::watch::spawn(
+                reloader.clone(),
+                &tasks,
+                stop.child_token(),
+            )?),
+            _ => None,
+        };
+        if let (Some(reloader), true) = (&reloader, self.operations.reload_on_sighup) {
+            let mut hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+            let (reloader, stop) = (reloader.clone(), stop.child_token());
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        hangup = hangups.recv() => if hangup.is_none() { break },
+                    }
+                    if let Err(error) = reloader.reload(None, None).await {
+                        tracing::warn!("reload on SIGHUP failed, nothing changed: {error}");
+                    }
+                }
+            });
+        }
+        if let (Some(reloader), Some(control)) = (&reloader, self.control) {
+            tracing::info!("control socket {}", control.path().display());
+            tasks.spawn(control.serve(reloader.clone(), stop.child_token()));
+        }
+        if let Some((_, endpoint)) = self.metrics {
+            tasks.spawn(endpoint.serve(stop.child_token()));
+        }
+        // Sums up each tenant's held-back warnings once their window is
+        // over, even when nothing new comes to trigger it.
+        {
+            let (tenants, stop) = (self.tenants.clone(), stop.child_token());
+            tasks.spawn(async move {
+                let mut every = tokio::time::interval(crate::warnings::WINDOW);
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        _ = every.tick() => {}
+                    }
+                    for tenant in &tenants {
+                        tenant.warnings().flush();
+                    }
+                }
+            });
+        }
 
-    /// Serves until every listener has stopped.
-    pub async fn run(self) {
         for tenant in &self.tenants {
             tracing::info!(
                 listener = tenant.name(),
@@ -166,55 +271,80 @@ impl Server {
                 "serving"
             );
         }
-        let mut listeners = JoinSet::new();
+        let listeners = TaskTracker::new();
+        let stop_listeners = stop.child_token();
         for socket in self.sockets {
             match socket.kind {
                 SocketKind::Udp(udp) => {
                     listeners.spawn(listener::udp::serve_on_own_thread(
                         udp,
                         socket.tenant,
-                        self.shutdown.clone(),
+                        stop_listeners.clone(),
                     ));
                 }
                 SocketKind::Tcp(tcp) => {
                     listeners.spawn(listener::tcp::serve(
                         tcp,
                         socket.tenant,
-                        self.shutdown.clone(),
+                        stop_listeners.clone(),
                         self.grace,
                     ));
                 }
             }
         }
-        // Sums up each tenant's held-back warnings once their window is
-        // over, even when nothing new comes to trigger it.
-        let summaries = {
-            let tenants = self.tenants.clone();
-            tokio::spawn(async move {
-                let mut every = tokio::time::interval(crate::warnings::WINDOW);
-                loop {
-                    every.tick().await;
-                    for tenant in &tenants {
-                        tenant.warnings().flush();
-                    }
-                }
-            })
-        };
-        while let Some(ended) = listeners.join_next().await {
-            if let Err(error) = ended {
-                tracing::error!("a listener failed: {error}");
+        listeners.close();
+        tokio::select! {
+            () = shutdown => {
+                tracing::info!("shutting down: no new connections; open ones may finish");
+                stop_listeners.cancel();
+                listeners.wait().await;
             }
+            () = listeners.wait() => {}
         }
-        summaries.abort();
+        tracing::info!("every listener has stopped");
+        stop.cancel();
+        tasks.close();
+        tasks.wait().await;
         for tenant in &self.tenants {
             tenant.warnings().finish();
         }
-        tracing::info!("every listener has stopped");
+        Ok(())
     }
 }
 
+/// Installs the recorder and binds `/metrics`, if asked for.
+async fn bind_metrics(
+    operations: &Operations,
+) -> anyhow::Result<Option<(SocketAddr, MetricsEndpoint)>> {
+    let Some(addr) = operations.metrics else {
+        return Ok(None);
+    };
+    let endpoint = crate::metrics::bind(addr).await?;
+    let bound = endpoint.addr().context("reading the metrics address")?;
+    Ok(Some((bound, endpoint)))
+}
+
+/// Binds every tenant's sockets, UDP first, in the configuration's order.
+async fn bind_sockets(tenants: &[Arc<Tenant>]) -> anyhow::Result<Vec<Socket>> {
+    let mut sockets = Vec::new();
+    for tenant in tenants {
+        for (protocol, addr) in tenant.config.sockets() {
+            let kind = match protocol {
+                Protocol::Udp => UdpSocket::bind(addr).await.map(SocketKind::Udp),
+                Protocol::Tcp => TcpListener::bind(addr).await.map(SocketKind::Tcp),
+            }
+            .map_err(|e| bind_error(protocol, addr, &e))?;
+            sockets.push(Socket {
+                tenant: tenant.clone(),
+                kind,
+            });
+        }
+    }
+    Ok(sockets)
+}
+
 /// A bind error that says what to do about it.
-fn bind_error(protocol: &str, addr: SocketAddr, error: &std::io::Error) -> anyhow::Error {
+fn bind_error(protocol: Protocol, addr: SocketAddr, error: &std::io::Error) -> anyhow::Error {
     let hint = match error.kind() {
         std::io::ErrorKind::AddrInUse => {
             format!(
@@ -228,4 +358,58 @@ fn bind_error(protocol: &str, addr: SocketAddr, error: &std::io::Error) -> anyho
         _ => String::new(),
     };
     anyhow::anyhow!("cannot listen on {protocol} {addr}: {error}{hint}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Origin, RawConfig, RawListener};
+
+    fn echo_on_loopback() -> ServerConfig {
+        let listener = RawListener {
+            plugin: "echo".to_owned(),
+            udp: Some(([127, 0, 0, 1], 0).into()),
+            tcp: Some(([127, 0, 0, 1], 0).into()),
+            ..RawListener::default()
+        };
+        RawConfig {
+            listeners: [("main".to_owned(), listener)].into(),
+            ..RawConfig::default()
+        }
+        .resolve(Origin::Flags)
+        .expect("a valid configuration")
+    }
+
+    /// The library entry point serves in process, and `run` returns once
+    /// its shutdown future resolves, with everything it started stopped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_serves_until_its_shutdown_future_resolves() {
+        let server = Server::bind(echo_on_loopback(), Operations::default())
+            .await
+            .expect("binds");
+        let udp = server
+            .local_addrs()
+            .into_iter()
+            .find(|(_, protocol, _)| *protocol == Protocol::Udp)
+            .map(|(_, _, addr)| addr)
+            .expect("a UDP socket");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+        client.send_to(b"in process", udp).await.expect("send");
+        let mut reply = [0u8; 32];
+        let (len, _) = tokio::time::timeout(Duration::from_secs(30), client.recv_from(&mut reply))
+            .await
+            .expect("a reply in time")
+            .expect("a reply");
+        assert_eq!(&reply[..len], b"in process");
+        stop.send(()).expect("the server is running");
+        tokio::time::timeout(Duration::from_secs(30), running)
+            .await
+            .expect("run returns after shutdown")
+            .expect("no panic")
+            .expect("no error");
+    }
 }

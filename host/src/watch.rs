@@ -16,7 +16,10 @@ use notify::event::ModifyKind;
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::plugin::PluginSource;
 use crate::reload::Reloader;
 
 /// How long a plugin file must stay unchanged before it is reloaded.
@@ -26,13 +29,18 @@ pub const DEBOUNCE: Duration = Duration::from_millis(250);
 /// events of one rename are handled once.
 pub const SETTLE: Duration = Duration::from_millis(5);
 
-/// Starts watching every listener's plugin file. Keep the returned watcher
-/// alive for as long as watching should go on.
+/// Starts watching every listener's plugin file, reloading on `tasks` until
+/// `stop`. Keep the returned watcher alive for as long as watching should
+/// go on.
 ///
 /// # Errors
 ///
 /// The operating system refuses to watch a folder.
-pub fn spawn(reloader: Arc<Reloader>) -> anyhow::Result<notify::RecommendedWatcher> {
+pub fn spawn(
+    reloader: Arc<Reloader>,
+    tasks: &TaskTracker,
+    stop: CancellationToken,
+) -> anyhow::Result<notify::RecommendedWatcher> {
     let files: Vec<(String, PathBuf)> = reloader
         .watched_files()
         .into_iter()
@@ -64,11 +72,12 @@ pub fn spawn(reloader: Arc<Reloader>) -> anyhow::Result<notify::RecommendedWatch
         tracing::info!("watching {} for plugin changes", folder.display());
     }
 
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut due: HashMap<String, Instant> = HashMap::new();
         loop {
             let next = due.values().min().copied();
             tokio::select! {
+                () = stop.cancelled() => break,
                 change = changes.recv() => {
                     let Some((path, wait)) = change else { break };
                     for (listener, _) in files.iter().filter(|(_, file)| *file == path) {
@@ -83,9 +92,11 @@ pub fn spawn(reloader: Arc<Reloader>) -> anyhow::Result<notify::RecommendedWatch
                         due.remove(&listener);
                         // The watched file, even if a `reload --plugin` has
                         // pointed the listener elsewhere since.
-                        let file = files.iter().find(|(name, _)| *name == listener).map(|(_, file)| file);
-                        let file = file.and_then(|file| file.to_str());
-                        if let Err(error) = reloader.reload(Some(&listener), file).await {
+                        let file = files
+                            .iter()
+                            .find(|(name, _)| *name == listener)
+                            .map(|(_, file)| PluginSource::File(file.clone()));
+                        if let Err(error) = reloader.reload(Some(&listener), file.as_ref()).await {
                             tracing::warn!(listener, "reload after a file change failed, nothing changed: {error}");
                         }
                     }

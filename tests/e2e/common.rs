@@ -121,8 +121,27 @@ impl Server {
         Self::expecting(&["--config", path.to_str().expect("utf-8 path")], sockets)
     }
 
+    /// Like [`Server::with_args`], with `XDG_RUNTIME_DIR` set to `runtime`
+    /// (where the server makes its default control socket).
+    pub fn with_runtime_dir(runtime: &std::path::Path, args: &[&str]) -> Self {
+        let expected = ["--udp", "--tcp"]
+            .iter()
+            .filter(|flag| args.contains(flag))
+            .count()
+            .max(1);
+        Self::spawn(args, expected, Some(runtime))
+    }
+
     fn expecting(args: &[&str], expected: usize) -> Self {
-        let mut child = Command::new(BIN)
+        Self::spawn(args, expected, None)
+    }
+
+    fn spawn(args: &[&str], expected: usize, runtime: Option<&std::path::Path>) -> Self {
+        let mut command = Command::new(BIN);
+        if let Some(runtime) = runtime {
+            command.env("XDG_RUNTIME_DIR", runtime);
+        }
+        let mut child = command
             .arg("serve")
             .args(args)
             .stdin(Stdio::null())

@@ -23,6 +23,8 @@ mod metrics;
 mod polyglot;
 /// Hot reloads: under load, on file changes, on SIGHUP, and failed ones.
 mod reload;
+/// One configuration path for flags and files; one control socket a server.
+mod resolution;
 /// Bounds that hold whatever the guest does: blocked calls, piled-up
 /// handles, files that are not plugins, and the host's own warnings.
 mod sandbox;

@@ -23,8 +23,6 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use crate::config::ServerConfig;
-
 use super::host::{self, HostState};
 use super::{Limits, LoadError, Plugin, PluginSource, REQUIRED_EXPORTS, bindings};
 
@@ -106,24 +104,11 @@ impl PoolSize {
         }
     }
 
-    /// A pool for `config`: every listener's `max-connections` plus its UDP
-    /// instance, and a spare slot for each connection that fails open (its
-    /// fresh instance is made before the failed one is dropped), with the
-    /// largest memory and table limits any listener sets.
-    pub fn for_config(config: &ServerConfig) -> Self {
-        let mut instances = 0usize;
-        let mut memory_bytes = 0;
-        let mut table_elements = 0;
-        for listener in &config.listeners {
-            instances += listener.traffic.max_connections + usize::from(listener.udp.is_some());
-            memory_bytes = memory_bytes.max(listener.limits.memory_bytes);
-            table_elements = table_elements.max(listener.limits.table_elements);
-        }
-        Self::sized(instances, memory_bytes, table_elements)
-    }
-
-    fn sized(instances: usize, memory_bytes: usize, table_elements: usize) -> Self {
-        // Headroom for instances being made while others are being dropped.
+    /// A pool for `instances` instances whose memories and tables may grow
+    /// to `memory_bytes` and `table_elements`, with headroom for instances
+    /// being made while others are being dropped (and for a connection that
+    /// fails open: its fresh instance is made before the failed one goes).
+    pub fn sized(instances: usize, memory_bytes: usize, table_elements: usize) -> Self {
         let instances = instances.saturating_add(instances / 64 + 16);
         Self {
             instances: u32::try_from(instances)
@@ -136,14 +121,12 @@ impl PoolSize {
 }
 
 impl Default for PoolSize {
-    /// One listener with the default limits.
+    /// One listener with the default limits: 10,000 connections (the
+    /// default `max-connections`; a test in `config` keeps the two in
+    /// step) and its UDP instance.
     fn default() -> Self {
         let limits = Limits::default();
-        Self::sized(
-            crate::config::TrafficLimits::default().max_connections + 1,
-            limits.memory_bytes,
-            limits.table_elements,
-        )
+        Self::sized(10_001, limits.memory_bytes, limits.table_elements)
     }
 }
 
@@ -178,15 +161,6 @@ impl Runtime {
     /// As for [`Runtime::with_pool`].
     pub fn new() -> anyhow::Result<Self> {
         Self::with_pool(PoolSize::default())
-    }
-
-    /// A runtime whose pool fits `config` (see [`PoolSize::for_config`]).
-    ///
-    /// # Errors
-    ///
-    /// As for [`Runtime::with_pool`].
-    pub fn for_config(config: &ServerConfig) -> anyhow::Result<Self> {
-        Self::with_pool(PoolSize::for_config(config))
     }
 
     /// Configures the engine with an instance pool of `pool`'s size, links
