@@ -4,13 +4,13 @@
 //!
 //! One server runs in this process on a runtime of its own, built as
 //! `wasm-echo serve --config FILE` builds it (the same [`ServerConfig`] from
-//! the same TOML, and [`Server::bind`]): a `good`
-//! tenant with the built-in `echo` plugin, and one tenant per behaviour of
-//! the test-only `hostile` plugin with the limits `tests/e2e/tenants.rs`
-//! gives it. The hostile plugin is not built into the binaries: host's build
-//! script leaves it in `<target dir>/guest-plugins/`, found here from this
-//! executable's own path. No log subscriber is installed, so log lines (the
-//! `flood-log` tenant's included) cost only their rate limiting here.
+//! the same TOML, and [`Server::bind`]): a `good` tenant with the built-in
+//! `echo` plugin, and one tenant per behaviour of the test-only `hostile`
+//! plugin with the limits `tests/e2e/tenants.rs` gives it. Both take the
+//! scenarios from [`wasm_echo::testing`], which also names the hostile
+//! plugin's path as host's build script built it. No log subscriber is
+//! installed, so log lines (the `flood-log` tenant's included) cost only
+//! their rate limiting here.
 //!
 //! For each neighbour in turn, two client tasks on a runtime of their own
 //! send it datagrams and open connections to it, one at a time each and
@@ -31,30 +31,11 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::timeout;
 use wasm_echo::config::{Protocol, ServerConfig};
 use wasm_echo::server::{Operations, Server};
+use wasm_echo::testing::{HOSTILE, hostile_config};
 
 use crate::load::{self, Budget, Latency, quantile};
 use crate::report::cell;
 
-/// Each hostile behaviour and the keys its tenant gets besides
-/// `call-timeout = "50ms"` and `plugin-config = { behaviour = ... }`, as in
-/// `tests/e2e/tenants.rs`.
-const HOSTILE: &[(&str, &str)] = &[
-    ("loop", ""),
-    ("bloat", "memory-limit = \"16MiB\"\n"),
-    ("recurse", ""),
-    ("panic", ""),
-    ("huge-reply", ""),
-    ("snoop", ""),
-    ("flood-log", "log-rate = 50\ncall-timeout = \"5s\"\n"),
-    (
-        "slow",
-        "plugin-config = { behaviour = \"slow\", slow-ms = \"30\" }\n",
-    ),
-    (
-        "sleep",
-        "plugin-config = { behaviour = \"sleep\", sleep-always = \"yes\" }\n",
-    ),
-];
 /// The good tenant's name in the configuration.
 const GOOD: &str = "good";
 /// Bytes per ping-pong message to the good tenant.
@@ -128,46 +109,13 @@ pub struct Figures {
     pub phases: Vec<Phase>,
 }
 
-/// The hostile plugin as host's build script leaves it: this executable is
-/// `<target dir>/<profile>/wasm-echo-bench`.
-fn hostile_wasm() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("finding this executable's path")?;
-    let target = exe
-        .parent()
-        .and_then(|profile| profile.parent())
-        .context("this executable is not in a target directory")?;
-    let wasm = target.join("guest-plugins/wasm32-wasip2/release/hostile.wasm");
-    anyhow::ensure!(
-        wasm.is_file(),
-        "the hostile plugin is missing: {} (host's build script builds it; run `cargo build --release`)",
-        wasm.display()
-    );
-    Ok(wasm)
-}
-
-fn config_toml(hostile: &str) -> String {
+fn config_toml() -> String {
     // 100 connections a tenant keep the instance pool small; the clients
     // here never hold more than three at once.
-    let mut toml = format!(
-        "grace = \"100ms\"\n\n[listeners.{GOOD}]\nplugin = \"echo\"\nudp = \"127.0.0.1:0\"\n\
-         tcp = \"127.0.0.1:0\"\nmax-connections = 100\n\n"
-    );
-    for (behaviour, extra) in HOSTILE {
-        toml.push_str(&format!(
-            "[listeners.{behaviour}]\nplugin = \"{hostile}\"\nudp = \"127.0.0.1:0\"\n\
-             tcp = \"127.0.0.1:0\"\nmax-connections = 100\n{extra}"
-        ));
-        if !extra.contains("call-timeout") {
-            toml.push_str("call-timeout = \"50ms\"\n");
-        }
-        if !extra.contains("plugin-config") {
-            toml.push_str(&format!(
-                "plugin-config = {{ behaviour = \"{behaviour}\" }}\n"
-            ));
-        }
-        toml.push('\n');
-    }
-    toml
+    format!(
+        "grace = \"100ms\"\n\n{}",
+        hostile_config("max-connections = 100\n")
+    )
 }
 
 /// A folder of its own for the configuration file, removed afterwards.
@@ -181,17 +129,12 @@ impl Drop for Scratch {
 
 /// The configuration, written and read back as `serve --config` reads it.
 fn load_config() -> anyhow::Result<ServerConfig> {
-    let wasm = hostile_wasm()?;
-    let hostile = wasm
-        .to_str()
-        .context("the hostile plugin's path is not UTF-8")?;
     let dir = Scratch(
         std::env::temp_dir().join(format!("wasm-echo-bench-hostile-{}", std::process::id())),
     );
     std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
     let path = dir.0.join("tenants.toml");
-    std::fs::write(&path, config_toml(hostile))
-        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, config_toml()).with_context(|| format!("writing {}", path.display()))?;
     Ok(ServerConfig::from_file(&path)?)
 }
 
@@ -271,7 +214,7 @@ pub fn measure(clients: &tokio::runtime::Runtime, sizes: Sizes) -> anyhow::Resul
         ))?;
         let mut phases = Vec::new();
         let neighbours = std::iter::once(None)
-            .chain(HOSTILE.iter().map(|(behaviour, _)| Some(*behaviour)))
+            .chain(HOSTILE.iter().map(|scenario| Some(scenario.behaviour)))
             .chain(std::iter::once(None));
         for neighbour in neighbours {
             eprintln!(

@@ -27,5 +27,6 @@ pub mod scaffold;
 pub mod server;
 pub mod status;
 pub mod tenant;
+pub mod testing;
 pub mod warnings;
 pub mod watch;

@@ -9,11 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub mod plugins {
-    //! Paths of the guest plugins built by host/build.rs.
-    #![allow(dead_code)]
-    include!(concat!(env!("OUT_DIR"), "/test_plugins.rs"));
-}
+/// Paths of the guest plugins built by host/build.rs.
+pub use wasm_echo::testing::plugins;
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_wasm-echo");

@@ -5,69 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use wasm_echo::testing::{HOSTILE, Scenario, hostile_config};
+
 use crate::common::{PATIENCE, Server, plugins, tcp_ask, tcp_client, udp_ask, udp_client};
-
-/// Each hostile behaviour, the extra keys its tenant gets, and what its
-/// client sees: `Some(reply)` or `None` (no UDP reply, TCP closed).
-const HOSTILE: &[(&str, &str, Option<&str>)] = &[
-    ("loop", "", None),
-    ("bloat", "memory-limit = \"16MiB\"\n", None),
-    ("recurse", "", None),
-    ("panic", "", None),
-    ("huge-reply", "", None),
-    (
-        "snoop",
-        "",
-        Some("files=denied env=0 args=0 tcp=denied udp=denied clock=coarse"),
-    ),
-    (
-        "flood-log",
-        "log-rate = 50\ncall-timeout = \"5s\"\n",
-        Some("probe"),
-    ),
-    (
-        "slow",
-        "plugin-config = { behaviour = \"slow\", slow-ms = \"30\" }\n",
-        Some("probe"),
-    ),
-];
-
-/// What the log says about each failing behaviour.
-const LOGGED: &[(&str, &str)] = &[
-    ("loop", "ran past its 50ms deadline"),
-    ("bloat", "tried to grow its memory"),
-    // The shadow stack in linear memory runs out before the wasm stack.
-    (
-        "recurse",
-        "plugin trapped: wasm trap: out of bounds memory access",
-    ),
-    ("panic", "hostile plugin panics on purpose"),
-    ("huge-reply", "reply of 8388608 bytes"),
-    ("flood-log", "plugin log lines dropped"),
-];
-
-fn hostile_config() -> String {
-    let mut toml = String::from(
-        "[listeners.good]\nplugin = \"echo\"\nudp = \"127.0.0.1:0\"\ntcp = \"127.0.0.1:0\"\n\n",
-    );
-    for (behaviour, extra, _) in HOSTILE {
-        toml.push_str(&format!(
-            "[listeners.{behaviour}]\nplugin = \"{}\"\nudp = \"127.0.0.1:0\"\ntcp = \"127.0.0.1:0\"\n\
-             {extra}",
-            plugins::HOSTILE
-        ));
-        if !extra.contains("call-timeout") {
-            toml.push_str("call-timeout = \"50ms\"\n");
-        }
-        if !extra.contains("plugin-config") {
-            toml.push_str(&format!(
-                "plugin-config = {{ behaviour = \"{behaviour}\" }}\n"
-            ));
-        }
-        toml.push('\n');
-    }
-    toml
-}
 
 /// One datagram; the reply, or `None` if none came within `wait`.
 fn udp_probe(addr: SocketAddr, wait: Duration) -> Option<Vec<u8>> {
@@ -119,7 +59,7 @@ fn good_traffic(
 
 #[test]
 fn hostile_plugins_are_contained_while_a_good_tenant_is_served() {
-    let server = Server::with_config(&hostile_config(), 2 * (1 + HOSTILE.len()));
+    let server = Server::with_config(&hostile_config(""), 2 * (1 + HOSTILE.len()));
     let stop = Arc::new(AtomicBool::new(false));
     let good = {
         let (udp, tcp, stop) = (server.udp_of("good"), server.tcp_of("good"), stop.clone());
@@ -127,7 +67,7 @@ fn hostile_plugins_are_contained_while_a_good_tenant_is_served() {
     };
     let probes: Vec<_> = HOSTILE
         .iter()
-        .map(|(behaviour, _, _)| {
+        .map(|Scenario { behaviour, .. }| {
             let (udp, tcp) = (server.udp_of(behaviour), server.tcp_of(behaviour));
             thread::spawn(move || {
                 let rounds: Vec<_> = (0..3)
@@ -137,7 +77,15 @@ fn hostile_plugins_are_contained_while_a_good_tenant_is_served() {
             })
         })
         .collect();
-    for ((behaviour, _, expected), probe) in HOSTILE.iter().zip(probes) {
+    for (
+        Scenario {
+            behaviour,
+            reply: expected,
+            ..
+        },
+        probe,
+    ) in HOSTILE.iter().zip(probes)
+    {
         for (udp, tcp) in probe.join().expect("probe thread") {
             let expected = expected.map(|text| text.as_bytes().to_vec());
             assert_eq!(udp, expected, "{behaviour}: udp");
@@ -154,7 +102,11 @@ fn hostile_plugins_are_contained_while_a_good_tenant_is_served() {
     );
 
     let log = server.stderr();
-    for (behaviour, needle) in LOGGED {
+    for Scenario {
+        behaviour, logged, ..
+    } in HOSTILE
+    {
+        let Some(needle) = logged else { continue };
         let tag = format!("listener=\"{behaviour}\"");
         assert!(
             log.lines()
