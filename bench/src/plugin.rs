@@ -61,7 +61,11 @@ pub const POLYGLOT: [(&str, &str); 3] = [
 fn settings() -> Arc<InstanceSettings> {
     let tenant: Arc<str> = "bench".into();
     Arc::new(InstanceSettings {
-        log_budget: LogBudget::new(tenant.clone(), 100),
+        log_budget: LogBudget::new(
+            tenant.clone(),
+            LogBudget::DEFAULT_LINES_PER_SECOND,
+            LogBudget::DEFAULT_BYTES_PER_SECOND,
+        ),
         tenant,
         config: Default::default(),
         limits: Limits::default(),

@@ -18,7 +18,11 @@ pub async fn check(runtime: &Runtime, source: &PluginSource) -> anyhow::Result<S
     let plugin = Arc::new(runtime.load(source)?);
     let tenant: Arc<str> = "check".into();
     let settings = InstanceSettings {
-        log_budget: LogBudget::new(tenant.clone(), 100),
+        log_budget: LogBudget::new(
+            tenant.clone(),
+            LogBudget::DEFAULT_LINES_PER_SECOND,
+            LogBudget::DEFAULT_BYTES_PER_SECOND,
+        ),
         tenant,
         config: PluginConfig::new(),
         limits: Limits::default(),

@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::framing::{DEFAULT_MAX_MESSAGE, Framing};
-use crate::plugin::{Limits, PluginConfig, PluginSource, PoolSize};
+use crate::plugin::{Limits, LogBudget, PluginConfig, PluginSource, PoolSize};
 
 /// A whole server's configuration, resolved and checked.
 #[derive(Clone, Debug)]
@@ -82,6 +82,9 @@ pub struct TrafficLimits {
     /// Plugin log lines (and stdout/stderr lines) per second; more are
     /// counted and dropped.
     pub log_lines_per_second: u32,
+    /// Bytes of plugin log text per second, so that long lines cannot do
+    /// what many lines may not; more are counted and dropped.
+    pub log_bytes_per_second: u32,
 }
 
 /// A token bucket: `per_second` messages on average, `burst` at once.
@@ -114,7 +117,8 @@ impl Default for TrafficLimits {
             max_connections: 10_000,
             idle_timeout: Duration::from_secs(300),
             rate_limit: None,
-            log_lines_per_second: 100,
+            log_lines_per_second: LogBudget::DEFAULT_LINES_PER_SECOND,
+            log_bytes_per_second: LogBudget::DEFAULT_BYTES_PER_SECOND,
         }
     }
 }
@@ -184,6 +188,8 @@ pub struct RawListener {
     pub rate_limit: Option<u32>,
     pub rate_burst: Option<u32>,
     pub log_rate: Option<u32>,
+    #[serde(default, deserialize_with = "size")]
+    pub log_bytes_rate: Option<usize>,
     #[serde(default)]
     pub plugin_config: BTreeMap<String, String>,
 }
@@ -495,6 +501,12 @@ impl RawListener {
                 "log-rate",
                 self.log_rate.unwrap_or(traffic.log_lines_per_second) as usize,
                 1..=1_000_000,
+            )? as u32,
+            log_bytes_per_second: check(
+                "log-bytes-rate",
+                self.log_bytes_rate
+                    .unwrap_or(traffic.log_bytes_per_second as usize),
+                LogBudget::MIN_BYTES_PER_SECOND as usize..=1 << 30,
             )? as u32,
         };
         Ok(ListenerConfig {

@@ -105,7 +105,11 @@ impl Tenant {
     fn new(config: ListenerConfig, handler: Handler) -> Self {
         let tenant: Arc<str> = config.name.as_str().into();
         let settings = Arc::new(InstanceSettings {
-            log_budget: LogBudget::new(tenant.clone(), config.traffic.log_lines_per_second),
+            log_budget: LogBudget::new(
+                tenant.clone(),
+                config.traffic.log_lines_per_second,
+                config.traffic.log_bytes_per_second,
+            ),
             tenant,
             config: config.plugin_config.clone(),
             limits: config.limits.clone(),

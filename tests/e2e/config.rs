@@ -118,6 +118,12 @@ fn a_limit_out_of_range_is_refused() {
         ("udp-amplification", "0", "0 is out of range (1 to 1000)"),
         ("max-connections", "0", "0 is out of range"),
         ("memory-limit", "\"lots\"", "expected a size like 64MiB"),
+        // Its burst must hold a whole 4 KiB line.
+        (
+            "log-bytes-rate",
+            "\"1KiB\"",
+            "1024 is out of range (4096 to 1073741824)",
+        ),
     ] {
         let toml = format!(
             "{}[listeners.b-bad]\nplugin = \"echo\"\nudp = \"127.0.0.1:0\"\n{key} = {value}\n",

@@ -17,6 +17,8 @@ mod faults;
 mod framing;
 /// The documents' exchange, `exit`, their Python clients and shutdown.
 mod hello;
+/// Plugin output (log calls, stdout, stderr, panics) reaches the log bounded and escaped.
+mod logs;
 /// `/metrics` counts exactly the traffic sent; JSON logs; `status`.
 mod metrics;
 /// The hello and echo plugins in Python, JavaScript and C, held to the Rust ones' behaviour.

@@ -10,6 +10,14 @@
 //! - `snoop`: tries to reach files, environment, arguments, sockets and a
 //!   fine clock, and answers with what it got;
 //! - `flood-log`: writes thousands of log lines per message;
+//! - `huge-log`: one `log` call of `log-bytes` bytes (default 20 MiB), then
+//!   echoes;
+//! - `spew-stdout`: writes `spew-bytes` bytes (default 4 MiB) to stdout
+//!   without a newline, then echoes;
+//! - `forge-log`: writes its `text` setting (by default a fake host warning
+//!   about another tenant, with a newline, a carriage return and ANSI
+//!   escapes) with `log`, to stdout and to stderr, then echoes;
+//! - `forge-panic`: panics with its `text` setting as the message;
 //! - `slow`: busy-waits `slow-ms` milliseconds (default 20), then echoes;
 //! - `sleep`: a message that starts with `sleep` (every message, with
 //!   `sleep-always = "yes"`) blocks in a WASI pollable
@@ -23,6 +31,7 @@ mod bindings {
     wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
 }
 
+use std::io::Write as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bindings::exports::wasm_echo::plugin::{tcp, udp};
@@ -61,6 +70,32 @@ fn misbehave(data: Vec<u8>) -> Decision {
             }
             reply(data)
         }
+        "huge-log" => {
+            let bytes = setting("log-bytes", 20 << 20);
+            host::log(Level::Warn, &"x".repeat(bytes));
+            reply(data)
+        }
+        "spew-stdout" => {
+            let chunk = [b'y'; 64 << 10];
+            let mut stdout = std::io::stdout().lock();
+            let mut left = setting("spew-bytes", 4 << 20);
+            while left > 0 {
+                let n = left.min(chunk.len());
+                // A write error is the host's business; the test reads the log.
+                let _ = stdout.write_all(&chunk[..n]);
+                left -= n;
+            }
+            let _ = stdout.flush();
+            reply(data)
+        }
+        "forge-log" => {
+            let text = forged_text();
+            host::log(Level::Warn, &text);
+            println!("{text}");
+            eprintln!("{text}");
+            reply(data)
+        }
+        "forge-panic" => panic!("{}", forged_text()),
         "slow" => {
             let millis = host::get_config("slow-ms")
                 .and_then(|ms| ms.parse().ok())
@@ -98,6 +133,23 @@ fn sleep() {
         .and_then(|ms| ms.parse().ok())
         .unwrap_or(3_600_000);
     std::thread::sleep(Duration::from_millis(millis));
+}
+
+/// A numeric setting, or `default` when it is unset or not a number.
+fn setting(key: &str, default: usize) -> usize {
+    host::get_config(key)
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+/// What `forge-log` and `forge-panic` write: the `text` setting, or a line
+/// made to look like the host's own warning about another tenant.
+fn forged_text() -> String {
+    host::get_config("text").unwrap_or_else(|| {
+        "ok\n1999-12-31T23:59:59.999999Z  WARN wasm_echo::listener::tcp: connection closed: \
+         forged listener=\"good\"\r\x1b[31mred\x1b[0m"
+            .to_owned()
+    })
 }
 
 /// Recursion the optimiser cannot turn into a loop; the depth check is one

@@ -3,29 +3,22 @@
 //! gets the `host` interface of the WIT contract (log, configuration) and a
 //! locked-down WASI for the language runtimes that need it: no arguments,
 //! no environment, no files, no network, empty stdin, and stdout/stderr
-//! sent to the host log tagged with the plugin's name.
+//! sent to the host log tagged with the plugin's name. How what a plugin
+//! writes is bounded and escaped on its way there is `plugin::output`'s.
 
 use std::collections::BTreeMap;
-use std::io;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-
-use tokio::io::AsyncWrite;
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, UpdateDeadline};
-use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{self, Level};
 use super::limits::{DeadlineExceeded, LimitExceeded, Limits};
+use super::output::{self, GuestOutput, LogBudget};
 
 /// The most WASI handles (pollables, streams, other resources) one instance
 /// may hold at once. A guest that leaks them gets an error from the call
@@ -55,7 +48,7 @@ pub struct InstanceSettings {
     pub config: PluginConfig,
     /// Bounds of every call.
     pub limits: Limits,
-    /// How many log lines the tenant's plugin may write.
+    /// How many log lines, and bytes, the tenant's plugin may write.
     pub log_budget: LogBudget,
 }
 
@@ -74,14 +67,14 @@ pub struct HostState {
 
 impl HostState {
     pub(super) fn new(settings: Arc<InstanceSettings>, plugin: Arc<str>) -> Self {
-        let output = |stream| GuestOutput {
+        let sink = |stream| GuestOutput {
             settings: settings.clone(),
             plugin: plugin.clone(),
             stream,
         };
         let wasi = WasiCtx::builder()
-            .stdout(output("stdout"))
-            .stderr(output("stderr"))
+            .stdout(sink("stdout"))
+            .stderr(sink("stderr"))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -152,29 +145,7 @@ impl bindings::wasm_echo::plugin::types::Host for HostState {}
 
 impl bindings::wasm_echo::plugin::host::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
-        let settings = &*self.settings;
-        if !settings.log_budget.admit() {
-            return;
-        }
-        let (tenant, plugin) = (&*settings.tenant, &*self.plugin);
-        let peer = self.peer.map(|peer| peer.to_string()).unwrap_or_default();
-        match level {
-            Level::Trace => {
-                tracing::trace!(target: "plugin", listener = tenant, plugin, peer, "{message}")
-            }
-            Level::Debug => {
-                tracing::debug!(target: "plugin", listener = tenant, plugin, peer, "{message}")
-            }
-            Level::Info => {
-                tracing::info!(target: "plugin", listener = tenant, plugin, peer, "{message}")
-            }
-            Level::Warn => {
-                tracing::warn!(target: "plugin", listener = tenant, plugin, peer, "{message}")
-            }
-            Level::Error => {
-                tracing::error!(target: "plugin", listener = tenant, plugin, peer, "{message}")
-            }
-        }
+        output::log(&self.settings, &self.plugin, self.peer, level, &message);
     }
 
     fn get_config(&mut self, key: String) -> Option<String> {
@@ -227,123 +198,6 @@ impl ResourceLimiter for HostState {
             }));
         }
         Ok(true)
-    }
-}
-
-/// A guest's stdout or stderr: each line becomes a host log line.
-struct GuestOutput {
-    settings: Arc<InstanceSettings>,
-    plugin: Arc<str>,
-    stream: &'static str,
-}
-
-impl IsTerminal for GuestOutput {
-    fn is_terminal(&self) -> bool {
-        false
-    }
-}
-
-impl StdoutStream for GuestOutput {
-    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
-        Box::new(LineLogger {
-            settings: self.settings.clone(),
-            plugin: self.plugin.clone(),
-            stream: self.stream,
-            line: Vec::new(),
-        })
-    }
-}
-
-/// Collects bytes into lines and logs each one.
-struct LineLogger {
-    settings: Arc<InstanceSettings>,
-    plugin: Arc<str>,
-    stream: &'static str,
-    line: Vec<u8>,
-}
-
-impl LineLogger {
-    /// A line longer than this is logged in pieces, so a guest that never
-    /// writes a newline cannot grow the host's memory.
-    const MAX_LINE: usize = 4096;
-
-    fn emit(&mut self) {
-        if self.settings.log_budget.admit() {
-            let text = String::from_utf8_lossy(&self.line);
-            let text = text.trim_end_matches(['\n', '\r']);
-            let (tenant, plugin) = (&*self.settings.tenant, &*self.plugin);
-            tracing::info!(target: "plugin", listener = tenant, plugin, stream = self.stream, "{text}");
-        }
-        self.line.clear();
-    }
-}
-
-impl AsyncWrite for LineLogger {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        for &byte in buf {
-            self.line.push(byte);
-            if byte == b'\n' || self.line.len() >= Self::MAX_LINE {
-                self.emit();
-            }
-        }
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.line.is_empty() {
-            self.emit();
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-/// A tenant's budget of plugin log lines: a token bucket, so a chatty plugin
-/// cannot flood the host's log. Dropped lines are counted and reported once
-/// lines flow again.
-#[derive(Debug)]
-pub struct LogBudget {
-    bucket: DefaultDirectRateLimiter,
-    dropped: AtomicU64,
-    tenant: Arc<str>,
-}
-
-impl LogBudget {
-    /// Allows `per_second` lines a second on average, bursts of twice that.
-    pub fn new(tenant: Arc<str>, per_second: u32) -> Self {
-        let rate = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
-        let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
-        let bucket = RateLimiter::direct(Quota::per_second(rate).allow_burst(burst));
-        Self {
-            bucket,
-            dropped: AtomicU64::new(0),
-            tenant,
-        }
-    }
-
-    /// Whether one more line may be logged now.
-    fn admit(&self) -> bool {
-        if self.bucket.check().is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
-        let dropped = self.dropped.swap(0, Ordering::Relaxed);
-        if dropped > 0 {
-            tracing::warn!(target: "plugin", listener = &*self.tenant, "{dropped} plugin log lines dropped (log-rate exceeded)");
-        }
-        true
-    }
-
-    /// Lines dropped since the last one that got through.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 }
 

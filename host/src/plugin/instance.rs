@@ -20,6 +20,7 @@ use super::Plugin;
 use super::bindings::{self, Connection, Decision, Endpoint};
 use super::host::{HostState, InstanceSettings};
 use super::limits::{DeadlineExceeded, LimitExceeded};
+use super::output::escape;
 use super::runtime::one_line;
 
 /// Why a call into a plugin failed. The message it was handling fails with
@@ -33,7 +34,10 @@ pub enum CallError {
     #[error("plugin {0}")]
     Limit(#[from] LimitExceeded),
     /// The guest trapped (a panic, an `unreachable`, an out-of-bounds access)
-    /// or returned something that does not fit the contract.
+    /// or returned something that does not fit the contract. The text may
+    /// hold the guest's own words (its function names in a backtrace, say),
+    /// so it is [escaped](escape) and bounded like anything else a plugin
+    /// writes before the listeners log it.
     #[error("plugin trapped: {0}")]
     Trap(String),
 }
@@ -47,7 +51,7 @@ impl From<wasmtime::Error> for CallError {
             return Self::Limit(LimitExceeded { ..*limit });
         }
         match error.downcast_ref::<wasmtime::Trap>() {
-            Some(trap) => Self::Trap(trap.to_string()),
+            Some(trap) => Self::Trap(escape(&trap.to_string()).into_owned()),
             None => Self::Trap(one_line(&error)),
         }
     }
@@ -202,5 +206,24 @@ pub fn endpoint(addr: SocketAddr) -> Endpoint {
     Endpoint {
         ip: addr.ip().to_string(),
         port: addr.port(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed call's message can carry text the guest chose; the
+    /// listeners log it, so it must not start a line of its own.
+    #[test]
+    fn a_failed_calls_message_is_one_escaped_line() {
+        let error = wasmtime::Error::msg("bad\nlisten\u{1b}[2J")
+            .context("error while executing at wasm backtrace:\n    0: 0x1 - evil\rname");
+        let CallError::Trap(text) = CallError::from(error) else {
+            panic!("not a trap");
+        };
+        assert!(!text.chars().any(char::is_control), "{text:?}");
+        assert!(text.contains("evil\\rname"), "{text:?}");
+        assert!(text.contains("listen\\x1b[2J"), "{text:?}");
     }
 }

@@ -9,6 +9,7 @@ mod bindings;
 mod host;
 mod instance;
 mod limits;
+mod output;
 mod runtime;
 
 use std::fmt;
@@ -22,9 +23,10 @@ use wasmtime::component::Component;
 use crate::input_file::{self, InputError};
 
 pub use bindings::{Connection, Decision, Endpoint, Framing, Next};
-pub use host::{InstanceSettings, LogBudget, PluginConfig};
+pub use host::{InstanceSettings, PluginConfig};
 pub use instance::{CallError, Instance, endpoint};
 pub use limits::Limits;
+pub use output::LogBudget;
 pub use runtime::{PoolSize, Runtime};
 
 /// The plugins compiled into this binary, by name.

@@ -24,6 +24,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::host::{self, HostState};
+use super::output::escape;
 use super::{Limits, LoadError, Plugin, PluginSource, REQUIRED_EXPORTS, bindings};
 
 /// How often the epoch advances: the granularity of deadlines, and how
@@ -311,12 +312,16 @@ impl Runtime {
 }
 
 /// wasmtime's errors chain causes and may carry a multi-line backtrace; a
-/// log line or a CLI error wants the chain on one line.
+/// log line or a CLI error wants the chain on one line. The text can name
+/// what the plugin named (its functions in a backtrace, its imports in a
+/// link error), so it is [escaped](escape) and bounded as plugin text is.
 pub(super) fn one_line(error: &wasmtime::Error) -> String {
     let text = format!("{error:#}");
-    text.lines()
+    let joined = text
+        .lines()
         .map(str::trim)
         .filter(|line| !line.is_empty())
         .collect::<Vec<_>>()
-        .join(" ")
+        .join(" ");
+    escape(&joined).into_owned()
 }
