@@ -378,6 +378,32 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// An error and its causes on one line, as `main` prints it. A cause whose
+/// words an outer message already quotes is not repeated, and a cause that
+/// spans lines (a guest's backtrace) is folded onto the one line.
+pub fn report(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        let cause = cause
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        if cause.is_empty() || text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 /// Parses and checks a `--max-plugin-size`.
 fn parse_plugin_size(text: &str) -> Result<u64, String> {
     check_max_plugin_size(parse_size(text)? as u64)
@@ -394,6 +420,17 @@ fn parse_setting(text: &str) -> Result<(String, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_says_each_cause_once_on_one_line() {
+        let error = anyhow::Error::from(std::io::Error::other("disk on fire"))
+            .context("cannot read x.wasm: disk on fire")
+            .context("loading\nthe plugin");
+        assert_eq!(
+            report(&error),
+            "loading the plugin: cannot read x.wasm: disk on fire"
+        );
+    }
 
     #[test]
     fn settings_need_a_key() {

@@ -143,6 +143,10 @@ pub struct ConfigError {
     location: String,
     /// What is wrong.
     reason: String,
+    /// The error behind it, when there is one (a plugin that does not
+    /// load, say).
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 /// A configuration as given, before defaults and checks: the TOML file's
@@ -224,6 +228,7 @@ impl ServerConfig {
         let read = |error: &dyn fmt::Display| ConfigError {
             location: path.display().to_string(),
             reason: format!("cannot read the configuration: {error}"),
+            source: None,
         };
         let bytes =
             crate::input_file::read(path, MAX_CONFIG_SIZE, "", crate::input_file::READ_TIMEOUT)
@@ -244,6 +249,7 @@ impl ServerConfig {
             ConfigError {
                 location,
                 reason: inner.message().trim().to_owned(),
+                source: None,
             }
         })?;
         raw.resolve(Origin::File(path.to_owned()))
@@ -318,7 +324,22 @@ impl Origin {
         ConfigError {
             location,
             reason: reason.to_string(),
+            source: None,
         }
+    }
+
+    /// A mistake about `key` that `error` explains, kept as the source.
+    pub fn caused_by(
+        &self,
+        listener: Option<&str>,
+        key: &str,
+        error: impl std::error::Error + Send + Sync + 'static,
+    ) -> ConfigError {
+        ConfigError {
+            source: Some(Box::new(error)),
+            ..self.error(listener, key, "")
+        }
+        .with_reason_from_source()
     }
 
     /// The folder relative plugin paths start from.
@@ -361,6 +382,16 @@ impl ListenerConfig {
         [(Protocol::Udp, self.udp), (Protocol::Tcp, self.tcp)]
             .into_iter()
             .filter_map(|(protocol, addr)| addr.map(|addr| (protocol, addr)))
+    }
+}
+
+impl ConfigError {
+    /// Says what the source says.
+    fn with_reason_from_source(mut self) -> Self {
+        if let Some(source) = &self.source {
+            self.reason = source.to_string();
+        }
+        self
     }
 }
 
@@ -557,6 +588,7 @@ fn parse_error(path: &Path, text: &str, error: &toml::de::Error) -> ConfigError 
     ConfigError {
         location,
         reason: error.message().trim().replace('\n', " "),
+        source: None,
     }
 }
 

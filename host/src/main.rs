@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     match wasm_echo::cli::run(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", wasm_echo::cli::report(&error));
             ExitCode::FAILURE
         }
     }

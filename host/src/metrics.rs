@@ -289,7 +289,7 @@ impl ListenerMetrics {
         let kind = match error {
             CallError::Deadline(_) => "deadline",
             CallError::Limit(_) => "memory",
-            CallError::Trap(_) => "trap",
+            CallError::Trap { .. } => "trap",
         };
         self.failure(version, kind);
     }

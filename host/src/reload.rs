@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::plugin::{LoadError, PluginSource, Runtime};
+use crate::plugin::{CallError, LoadError, PluginSource, Runtime};
 use crate::tenant::Tenant;
 
 /// Why a reload changed nothing.
@@ -37,17 +37,28 @@ pub enum ReloadError {
         /// Whose plugin.
         listener: String,
         /// Why.
+        #[source]
         error: LoadError,
     },
     /// The new version loads but does not start.
-    #[error("listener `{listener}`: {version} fails to start: {reason}")]
+    #[error("listener `{listener}`: {version} fails to start: {error}")]
     Start {
         /// Whose plugin.
         listener: String,
         /// The version that failed.
         version: String,
         /// Why.
-        reason: String,
+        #[source]
+        error: CallError,
+    },
+    /// Compiling the new version did not finish (its thread panicked).
+    #[error("listener `{listener}`: compilation did not finish: {error}")]
+    Compilation {
+        /// Whose plugin.
+        listener: String,
+        /// What the compiling task said.
+        #[source]
+        error: tokio::task::JoinError,
     },
     /// The listener runs native code, which cannot be reloaded.
     #[error("listener `{0}` runs no plugin")]
@@ -198,10 +209,9 @@ impl Reloader {
                     });
                 }
                 Err(join) => {
-                    return Err(ReloadError::Start {
+                    return Err(ReloadError::Compilation {
                         listener: tenant.name().to_owned(),
-                        version: "the new version".to_owned(),
-                        reason: format!("compilation did not finish: {join}"),
+                        error: join,
                     });
                 }
             };
@@ -213,7 +223,7 @@ impl Reloader {
                     .map_err(|error| ReloadError::Start {
                         listener: tenant.name().to_owned(),
                         version: plugin.version(),
-                        reason: error.to_string(),
+                        error,
                     })?;
             }
             ready.push((tenant, current, plugin, changed));

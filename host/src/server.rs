@@ -101,7 +101,9 @@ impl Server {
                 Some(plugin) => plugin.clone(),
                 None => {
                     let plugin = runtime.load(&listener.plugin).map_err(|error| {
-                        config.origin.error(Some(&listener.name), "plugin", error)
+                        config
+                            .origin
+                            .caused_by(Some(&listener.name), "plugin", error)
                     })?;
                     let plugin = Arc::new(plugin);
                     loaded.insert(listener.plugin.clone(), plugin.clone());

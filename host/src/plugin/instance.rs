@@ -38,8 +38,16 @@ pub enum CallError {
     /// hold the guest's own words (its function names in a backtrace, say),
     /// so it is [escaped](escape) and bounded like anything else a plugin
     /// writes before the listeners log it.
-    #[error("plugin trapped: {0}")]
-    Trap(String),
+    #[error("plugin trapped: {message}")]
+    Trap {
+        /// What went wrong, on one line, escaped: the trap itself, or the
+        /// innermost cause of a call that broke the contract.
+        message: String,
+        /// wasmtime's whole error: the call's context and the guest's
+        /// backtrace, for whoever walks the chain.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl From<wasmtime::Error> for CallError {
@@ -50,9 +58,13 @@ impl From<wasmtime::Error> for CallError {
         if let Some(limit) = error.downcast_ref::<LimitExceeded>() {
             return Self::Limit(LimitExceeded { ..*limit });
         }
-        match error.downcast_ref::<wasmtime::Trap>() {
-            Some(trap) => Self::Trap(escape(&trap.to_string()).into_owned()),
-            None => Self::Trap(one_line(&error)),
+        let message = match error.downcast_ref::<wasmtime::Trap>() {
+            Some(trap) => escape(&trap.to_string()).into_owned(),
+            None => one_line(&error),
+        };
+        Self::Trap {
+            message,
+            source: error.into(),
         }
     }
 }
@@ -219,7 +231,7 @@ mod tests {
     fn a_failed_calls_message_is_one_escaped_line() {
         let error = wasmtime::Error::msg("bad\nlisten\u{1b}[2J")
             .context("error while executing at wasm backtrace:\n    0: 0x1 - evil\rname");
-        let CallError::Trap(text) = CallError::from(error) else {
+        let CallError::Trap { message: text, .. } = CallError::from(error) else {
             panic!("not a trap");
         };
         assert!(!text.chars().any(char::is_control), "{text:?}");

@@ -164,8 +164,11 @@ pub enum LoadError {
     Compile {
         /// Where the bytes came from.
         plugin: PluginSource,
-        /// What the compiler said.
+        /// What the compiler said, on one line.
         reason: String,
+        /// The compiler's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A component for some other world.
     #[error(
@@ -183,8 +186,11 @@ pub enum LoadError {
     Link {
         /// Where the bytes came from.
         plugin: PluginSource,
-        /// What does not fit.
+        /// What does not fit, on one line.
         reason: String,
+        /// The linker's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 

@@ -273,6 +273,7 @@ impl Runtime {
         let component = Component::new(&self.engine, &bytes).map_err(|e| LoadError::Compile {
             plugin: source.clone(),
             reason: one_line(&e),
+            source: e.into(),
         })?;
 
         let ty = component.component_type();
@@ -287,6 +288,7 @@ impl Runtime {
         let link_error = |e: wasmtime::Error| LoadError::Link {
             plugin: source.clone(),
             reason: one_line(&e),
+            source: e.into(),
         };
         let instance_pre = self
             .linker
