@@ -11,8 +11,8 @@
 //! | `wasm_echo_datagrams_total` | listener |
 //! | `wasm_echo_tcp_connections_total`, `wasm_echo_tcp_messages_total` | listener |
 //! | `wasm_echo_bytes_in_total`, `wasm_echo_bytes_out_total`, `wasm_echo_replies_total` | listener, protocol |
-//! | `wasm_echo_drops_total` (datagrams and messages that got no reply) | listener, reason |
-//! | `wasm_echo_closes_total` (TCP connections ended) | listener, reason |
+//! | `wasm_echo_drops_total` (datagrams and messages that got no reply) | listener, reason (rate-limit, failed, refused-reply, unsent) |
+//! | `wasm_echo_closes_total` (TCP connections ended) | listener, reason (peer, plugin, idle, protocol, failed, shutdown, io, write-timeout) |
 //! | `wasm_echo_rejected_connections_total` | listener |
 //! | `wasm_echo_open_connections` | listener |
 //! | `wasm_echo_reloads_total` | listener, result |
@@ -131,6 +131,30 @@ pub enum NoReply {
     Failed,
     /// The reply broke max-reply or the UDP amplification bound.
     RefusedReply,
+    /// The kernel refused the reply datagram, or the socket stayed full
+    /// for the write timeout.
+    Unsent,
+}
+
+impl NoReply {
+    /// Every reason, in the order of their discriminants (the index of each
+    /// one's counter).
+    const ALL: [Self; 4] = [
+        Self::RateLimit,
+        Self::Failed,
+        Self::RefusedReply,
+        Self::Unsent,
+    ];
+
+    /// The `reason` label.
+    fn label(self) -> &'static str {
+        match self {
+            Self::RateLimit => "rate-limit",
+            Self::Failed => "failed",
+            Self::RefusedReply => "refused-reply",
+            Self::Unsent => "unsent",
+        }
+    }
 }
 
 /// Why a TCP connection ended.
@@ -150,6 +174,37 @@ pub enum CloseReason {
     Shutdown,
     /// A read or write failed.
     Io,
+    /// The peer accepted no byte of a reply for the write timeout.
+    WriteTimeout,
+}
+
+impl CloseReason {
+    /// Every reason, in the order of their discriminants (the index of each
+    /// one's counter).
+    const ALL: [Self; 8] = [
+        Self::Peer,
+        Self::Plugin,
+        Self::Idle,
+        Self::Protocol,
+        Self::Failed,
+        Self::Shutdown,
+        Self::Io,
+        Self::WriteTimeout,
+    ];
+
+    /// The `reason` label.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Peer => "peer",
+            Self::Plugin => "plugin",
+            Self::Idle => "idle",
+            Self::Protocol => "protocol",
+            Self::Failed => "failed",
+            Self::Shutdown => "shutdown",
+            Self::Io => "io",
+            Self::WriteTimeout => "write-timeout",
+        }
+    }
 }
 
 /// One listener's counters, registered once so the hot path only adds.
@@ -172,8 +227,10 @@ pub struct ListenerMetrics {
     tcp_out: Counter,
     udp_replies: Counter,
     tcp_replies: Counter,
-    drops: [Counter; 3],
-    closes: [Counter; 7],
+    /// Indexed by [`NoReply`].
+    drops: [Counter; NoReply::ALL.len()],
+    /// Indexed by [`CloseReason`].
+    closes: [Counter; CloseReason::ALL.len()],
 }
 
 impl ListenerMetrics {
@@ -197,16 +254,8 @@ impl ListenerMetrics {
             tcp_out: bytes_out("tcp"),
             udp_replies: replies("udp"),
             tcp_replies: replies("tcp"),
-            drops: [drop("rate-limit"), drop("failed"), drop("refused-reply")],
-            closes: [
-                close("peer"),
-                close("plugin"),
-                close("idle"),
-                close("protocol"),
-                close("failed"),
-                close("shutdown"),
-                close("io"),
-            ],
+            drops: NoReply::ALL.map(|why| drop(why.label())),
+            closes: CloseReason::ALL.map(|why| close(why.label())),
             listener: l,
         }
     }
@@ -316,5 +365,20 @@ pub struct SessionMetrics {
 impl Drop for SessionMetrics {
     fn drop(&mut self) {
         self.instances.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_indexes_its_own_counter() {
+        for (index, why) in NoReply::ALL.iter().enumerate() {
+            assert_eq!(*why as usize, index, "{why:?}");
+        }
+        for (index, why) in CloseReason::ALL.iter().enumerate() {
+            assert_eq!(*why as usize, index, "{why:?}");
+        }
     }
 }
