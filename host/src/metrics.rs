@@ -28,7 +28,7 @@ use anyhow::Context as _;
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::plugin::{CallError, Plugin};
 
@@ -76,50 +76,72 @@ async fn upkeep(handle: PrometheusHandle) {
     }
 }
 
+/// How long a scraper may take to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a scraper may take to read the response. The body is some
+/// kilobytes; a scraper that has not taken it in this long is not reading,
+/// and would otherwise hold its task and socket forever.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The HTTP side, just enough for a scraper: every `GET /metrics` gets the
 /// rendering, anything else a 404. One request per connection.
 async fn answer_scrapes(listener: TcpListener, handle: PrometheusHandle) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let mut request = Vec::with_capacity(1024);
-            let mut buf = [0u8; 1024];
-            let read_head = async {
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(len) => request.extend_from_slice(&buf[..len]),
-                    }
-                }
-            };
-            if tokio::time::timeout(Duration::from_secs(5), read_head)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let line = request
-                .split(|byte| *byte == b'\r')
-                .next()
-                .unwrap_or_default();
-            let (status, content_type, body) = if line.starts_with(b"GET /metrics ") {
-                ("200 OK", "text/plain; version=0.0.4", handle.render())
-            } else {
-                ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
+        tokio::spawn(answer(stream, handle.clone()));
     }
+}
+
+/// Answers one scrape, within [`HEAD_TIMEOUT`] and [`RESPONSE_TIMEOUT`].
+async fn answer(mut stream: TcpStream, handle: PrometheusHandle) {
+    let mut request = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    let read_head = async {
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(len) => request.extend_from_slice(&buf[..len]),
+            }
+        }
+    };
+    if tokio::time::timeout(HEAD_TIMEOUT, read_head).await.is_err() {
+        return;
+    }
+    let line = request
+        .split(|byte| *byte == b'\r')
+        .next()
+        .unwrap_or_default();
+    let (status, content_type, body) = if line.starts_with(b"GET /metrics ") {
+        ("200 OK", "text/plain; version=0.0.4", handle.render())
+    } else {
+        ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let respond = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    if tokio::time::timeout(RESPONSE_TIMEOUT, respond)
+        .await
+        .is_err()
+    {
+        // Reset rather than leave the unread rest in the kernel's buffers.
+        let _ = stream.set_zero_linger();
+    }
+}
+
+/// `total` host log lines have been dropped so far because stderr did not
+/// take them (see [`crate::logging`]).
+pub fn log_lines_dropped(total: u64) {
+    counter!("wasm_echo_log_lines_dropped_total").absolute(total);
 }
 
 /// Why a message got no reply.
