@@ -9,7 +9,8 @@
 //! stopped. [`reload`] swaps a tenant's plugin while it serves, when asked
 //! through the [`control`] socket, by SIGHUP or by the file [`watch`]er.
 //! [`client`], [`check`] and [`scaffold`] (`new`) are the CLI's other verbs,
-//! and [`cli`] parses the command line.
+//! [`cli`] parses the command line, and [`logging`] keeps the server's own
+//! log from ever holding it up.
 
 pub mod check;
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod framing;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod plugin;
 pub mod reload;

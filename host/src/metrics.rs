@@ -20,6 +20,7 @@
 //! | `wasm_echo_plugin_call_seconds`, `wasm_echo_instantiation_seconds` (histograms) | listener, version |
 //! | `wasm_echo_instances` | listener, version |
 //! | `wasm_echo_plugin_info` (1 for the current version, 0 for replaced ones) | listener, version, plugin, digest |
+//! | `wasm_echo_log_lines_dropped_total` (host log lines lost because stderr was stalled) | |
 
 use std::net::SocketAddr;
 use std::time::Duration;
