@@ -25,5 +25,7 @@ mod polyglot;
 mod reload;
 /// `wasm-echo new`: every language's project builds, passes `check` and serves.
 mod scaffold;
+/// Peers and log readers that stop reading cannot hold the server.
+mod stalls;
 /// Tenants' limits, and hostile plugins contained next to a good tenant.
 mod tenants;
