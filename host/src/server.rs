@@ -41,6 +41,8 @@ pub struct Server {
     sockets: Vec<Socket>,
     grace: Duration,
     shutdown: CancellationToken,
+    /// Cancelled after `shutdown` to end the grace period at once.
+    abort: CancellationToken,
 }
 
 impl Server {
@@ -127,6 +129,7 @@ impl Server {
             sockets,
             grace,
             shutdown: CancellationToken::new(),
+            abort: CancellationToken::new(),
         })
     }
 
@@ -157,6 +160,17 @@ impl Server {
         self.shutdown.clone()
     }
 
+    /// Cancel this, once the shutdown token is, to close open connections
+    /// without waiting for the rest of the grace period.
+    pub fn abort_token(&self) -> CancellationToken {
+        self.abort.clone()
+    }
+
+    /// How long open connections may go on after a shutdown.
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
     /// Serves until every listener has stopped.
     pub async fn run(self) {
         for tenant in &self.tenants {
@@ -181,6 +195,7 @@ impl Server {
                         tcp,
                         socket.tenant,
                         self.shutdown.clone(),
+                        self.abort.clone(),
                         self.grace,
                     ));
                 }

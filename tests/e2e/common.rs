@@ -121,6 +121,15 @@ impl Server {
         Self::expecting(&["--config", path.to_str().expect("utf-8 path")], sockets)
     }
 
+    /// Like [`Server::with_config`], with `extra` arguments (such as
+    /// `--metrics`), waiting for `lines` `listening` lines in all.
+    pub fn with_config_and(toml: &str, lines: usize, extra: &[&str]) -> Self {
+        let path = scratch_file("wasm-echo.toml", toml.as_bytes());
+        let mut args = vec!["--config", path.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra);
+        Self::expecting(&args, lines)
+    }
+
     fn expecting(args: &[&str], expected: usize) -> Self {
         let mut child = Command::new(BIN)
             .arg("serve")
