@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, Exchange};
 use crate::config::{
@@ -16,6 +17,7 @@ use crate::config::{
 };
 use crate::control;
 use crate::framing::Framing;
+use crate::logging::{self, LogFormat};
 use crate::plugin::{DEFAULT_MAX_PLUGIN_SIZE, PluginSource, Runtime};
 use crate::server::{DEFAULT_PORT, Operations, Server};
 
@@ -171,15 +173,6 @@ struct ClientArgs {
     timeout: Duration,
 }
 
-/// How log lines are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    /// For people.
-    Text,
-    /// One JSON object per line, for machines.
-    Json,
-}
-
 #[derive(Debug, Args)]
 struct StatusArgs {
     /// The server's metrics address (as given to `serve --metrics`).
@@ -228,36 +221,76 @@ struct NewArgs {
     dir: Option<PathBuf>,
 }
 
+/// How long the runtime's tasks get to stop once the command is done; a
+/// thread stuck in a system call is then left behind, not waited for.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
+
+/// How long past the grace period a shutdown may take before the server
+/// gives up on whatever is still running and exits anyway.
+const SHUTDOWN_OVERRUN: Duration = Duration::from_secs(5);
+
 /// Runs the parsed command and returns the process's exit code.
 ///
 /// # Errors
 ///
 /// Anything that should end the process with a one-line error.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // The log writer outlives the runtime, so the last lines (listeners
+    // stopping) are written if stderr takes them.
+    let logs = match &cli.command {
+        Command::Serve(args) => Some(logging::init(args.log_format)),
+        _ => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
+    let report_drops = logs.as_ref().map(logging::Logs::report_drops);
+    let outcome = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(*args).await,
+            Command::Serve(args) => {
+                if let Some(report_drops) = report_drops {
+                    tokio::spawn(report_drops);
+                }
+                serve(*args).await
+            }
             Command::Client(args) => client(args).await,
             Command::Check(args) => check(args).await,
             Command::Reload(args) => reload(args).await,
             Command::Status(args) => {
-                print!(
-                    "{}",
-                    crate::status::status(&args.addr, args.interval).await?
-                );
+                say(crate::status::status(&args.addr, args.interval).await?)?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::New(args) => crate::scaffold::run(args.lang, &args.name, args.dir.as_deref()),
         }
-    })
+    });
+    // Dropping the runtime would wait for every task and blocking thread;
+    // nothing left at this point may keep the process from exiting.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    if let Some(logs) = logs {
+        logs.finish();
+    }
+    outcome
+}
+
+/// Writes `text` to stdout. A reader that has gone away (`| head`) is not
+/// an error: there is nobody left to tell. Unlike `print!`, which panics.
+///
+/// # Errors
+///
+/// Any other write error.
+pub(crate) fn say(text: impl std::fmt::Display) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match write!(out, "{text}").and_then(|()| out.flush()) {
+        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::from(error).context("writing to stdout"))
+        }
+        _ => Ok(()),
+    }
 }
 
 async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
-    init_logging(args.log_format);
     let operations = Operations {
         metrics: args.metrics,
         control: args.control.take(),
@@ -273,16 +306,75 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     // signal is never the default, fatal one.
     let interrupt = signal(SignalKind::interrupt()).context("listening for Ctrl-C")?;
     let terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let grace = config.grace;
     let server = Server::bind(config, operations).await?;
-    // Scripts and tests read these lines to learn the real ports.
-    for (name, protocol, addr) in server.local_addrs() {
-        println!("listening {protocol} {addr} {name}");
-    }
+    let (shutdown, abort) = (CancellationToken::new(), CancellationToken::new());
+    tokio::spawn(stop_on_signals(
+        interrupt,
+        terminate,
+        shutdown.clone(),
+        abort.clone(),
+    ));
+    // Scripts and tests read these lines to learn the real ports. Nobody
+    // reading them any more is no reason to stop serving.
+    let mut announce = server
+        .local_addrs()
+        .into_iter()
+        .map(|(name, protocol, addr)| format!("listening {protocol} {addr} {name}\n"))
+        .collect::<String>();
     if let Some(addr) = server.metrics_addr() {
-        println!("listening metrics {addr}");
+        announce.push_str(&format!("listening metrics {addr}\n"));
     }
-    server.run(wait_for_signal(interrupt, terminate)).await?;
-    Ok(ExitCode::SUCCESS)
+    if let Err(error) = say(announce) {
+        tracing::warn!("{error:#}");
+    }
+    let serving = server.run_until(
+        shutdown.clone().cancelled_owned(),
+        abort.clone().cancelled_owned(),
+    );
+    tokio::select! {
+        served = serving => served.map(|()| ExitCode::SUCCESS),
+        () = overrun(shutdown, abort, grace) => {
+            tracing::error!(
+                "shutdown took {} past the grace period: exiting without waiting for the rest",
+                humantime::format_duration(SHUTDOWN_OVERRUN)
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// The first Ctrl-C or SIGTERM shuts down gracefully; a second one ends the
+/// grace period at once. (Both are registered before the server announces
+/// itself, so an early signal is never the default, fatal one.)
+async fn stop_on_signals(
+    mut interrupt: Signal,
+    mut terminate: Signal,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+) {
+    // Each token is cancelled before the line about it is logged: nothing
+    // the log does may stand between a signal and what it asks for.
+    wait_for_signal(&mut interrupt, &mut terminate).await;
+    shutdown.cancel();
+    tracing::info!(
+        "shutting down: no new connections; open ones may finish (a second signal closes them now)"
+    );
+    wait_for_signal(&mut interrupt, &mut terminate).await;
+    abort.cancel();
+    tracing::info!("second signal: closing open connections now");
+}
+
+/// Completes [`SHUTDOWN_OVERRUN`] after the grace period (or after a
+/// second signal cut it short) of a shutdown: the last resort against
+/// anything that would keep the process from exiting.
+async fn overrun(shutdown: CancellationToken, abort: CancellationToken, grace: Duration) {
+    shutdown.cancelled().await;
+    tokio::select! {
+        () = tokio::time::sleep(grace) => {}
+        () = abort.cancelled() => {}
+    }
+    tokio::time::sleep(SHUTDOWN_OVERRUN).await;
 }
 
 async fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
@@ -316,7 +408,7 @@ async fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
         Some(error) if !response.ok => anyhow::bail!("reload failed, nothing changed: {error}"),
         _ => {
             for swap in response.swaps {
-                println!("{swap}");
+                say(format_args!("{swap}\n"))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -341,7 +433,7 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
         Protocol::Udp => client::udp(&exchange).await?,
         Protocol::Tcp => client::tcp(&exchange).await?,
     };
-    println!("{}", String::from_utf8_lossy(&reply));
+    say(format_args!("{}\n", String::from_utf8_lossy(&reply)))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -349,32 +441,15 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let source = PluginSource::parse(&args.plugin)?;
     let mut runtime = Runtime::new()?;
     runtime.set_max_plugin_size(args.max_plugin_size.unwrap_or(DEFAULT_MAX_PLUGIN_SIZE));
-    print!("{}", crate::check::check(&runtime, &source).await?);
+    say(crate::check::check(&runtime, &source).await?)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Resolves on Ctrl-C or SIGTERM (registered before the server announces
-/// itself, so an early signal is never the default, fatal one).
-async fn wait_for_signal(mut interrupt: Signal, mut terminate: Signal) {
+/// Resolves on Ctrl-C or SIGTERM.
+async fn wait_for_signal(interrupt: &mut Signal, terminate: &mut Signal) {
     tokio::select! {
         _ = interrupt.recv() => {}
         _ = terminate.recv() => {}
-    }
-}
-
-/// Logs go to stderr (stdout carries the `listening` lines); the level is
-/// `info` unless `WASM_ECHO_LOG` says otherwise (e.g. `debug`,
-/// `wasm_echo=debug,plugin=warn`).
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WASM_ECHO_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => logs.with_ansi(ansi).init(),
-        LogFormat::Json => logs.json().init(),
     }
 }
 

@@ -76,6 +76,12 @@ pub struct TrafficLimits {
     pub max_connections: usize,
     /// A TCP connection with nothing to read for this long is closed.
     pub idle_timeout: Duration,
+    /// A TCP connection whose peer accepts no byte of a reply for this long
+    /// is closed (reset): a peer that sends but never reads would otherwise
+    /// hold its slot and its plugin instance for as long as it likes, since
+    /// the idle timer only runs while the server waits to read. UDP replies
+    /// wait this long at most for room on the socket, then are dropped.
+    pub write_timeout: Duration,
     /// Messages (datagrams and TCP messages) per second per peer address;
     /// `None` for no limit.
     pub rate_limit: Option<RateLimit>,
@@ -97,6 +103,14 @@ pub struct RateLimit {
 }
 
 impl TrafficLimits {
+    /// The longest default write timeout: the default is the idle timeout,
+    /// but at most this. A peer that reads at all, however slowly, takes
+    /// some bytes off the server's socket buffer every few hundred
+    /// milliseconds; one that takes none for 10 s with a reply waiting is
+    /// not reading, and a quiet-but-alive client's 5-minute idle timeout is
+    /// far too long to let it hold a slot and an instance.
+    pub const MAX_DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
     /// Any UDP reply may be this long whatever the request's size: with the
     /// 28 bytes of IP and UDP headers a request costs, that is no useful
     /// amplification, and the tutorial's `Hello, client!` fits.
@@ -116,6 +130,7 @@ impl Default for TrafficLimits {
             udp_amplification: 2,
             max_connections: 10_000,
             idle_timeout: Duration::from_secs(300),
+            write_timeout: Self::MAX_DEFAULT_WRITE_TIMEOUT,
             rate_limit: None,
             log_lines_per_second: LogBudget::DEFAULT_LINES_PER_SECOND,
             log_bytes_per_second: LogBudget::DEFAULT_BYTES_PER_SECOND,
@@ -189,6 +204,8 @@ pub struct RawListener {
     pub max_connections: Option<usize>,
     #[serde(default, deserialize_with = "duration")]
     pub idle_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub write_timeout: Option<Duration>,
     pub rate_limit: Option<u32>,
     pub rate_burst: Option<u32>,
     pub log_rate: Option<u32>,
@@ -506,6 +523,17 @@ impl RawListener {
                 })
             }
         };
+        let idle_timeout = check_duration(
+            "idle-timeout",
+            self.idle_timeout.unwrap_or(traffic.idle_timeout),
+            Duration::from_millis(10)..=Duration::from_secs(7 * 24 * 3600),
+        )?;
+        let write_timeout = check_duration(
+            "write-timeout",
+            self.write_timeout
+                .unwrap_or(idle_timeout.min(TrafficLimits::MAX_DEFAULT_WRITE_TIMEOUT)),
+            Duration::from_millis(10)..=Duration::from_secs(3600),
+        )?;
         let traffic = TrafficLimits {
             max_reply: check(
                 "max-reply",
@@ -522,11 +550,8 @@ impl RawListener {
                 self.max_connections.unwrap_or(traffic.max_connections),
                 1..=1_000_000,
             )?,
-            idle_timeout: check_duration(
-                "idle-timeout",
-                self.idle_timeout.unwrap_or(traffic.idle_timeout),
-                Duration::from_millis(10)..=Duration::from_secs(7 * 24 * 3600),
-            )?,
+            idle_timeout,
+            write_timeout,
             rate_limit,
             log_lines_per_second: check(
                 "log-rate",
@@ -702,5 +727,40 @@ mod tests {
         assert_eq!(limits.max_udp_reply(1), TrafficLimits::UDP_REPLY_ALLOWANCE);
         assert_eq!(limits.max_udp_reply(100), 200);
         assert_eq!(limits.max_udp_reply(10_000), 1000);
+    }
+
+    #[test]
+    fn the_write_timeout_defaults_to_the_idle_timeout_up_to_ten_seconds() {
+        let dir =
+            std::env::temp_dir().join(format!("wasm-echo-config-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a scratch dir");
+        let path = dir.join("write-timeout.toml");
+        let toml = r#"
+            [listeners.quick]
+            plugin = "echo"
+            tcp = "127.0.0.1:0"
+            idle-timeout = "2s"
+            [listeners.patient]
+            plugin = "echo"
+            tcp = "127.0.0.1:0"
+            [listeners.explicit]
+            plugin = "echo"
+            tcp = "127.0.0.1:0"
+            idle-timeout = "1s"
+            write-timeout = "30s"
+        "#;
+        std::fs::write(&path, toml).expect("a config file");
+        let config = ServerConfig::from_file(&path).expect("a valid config");
+        let write_timeout = |name: &str| {
+            config
+                .listeners
+                .iter()
+                .find(|listener| listener.name == name)
+                .map(|listener| listener.traffic.write_timeout)
+        };
+        assert_eq!(write_timeout("quick"), Some(Duration::from_secs(2)));
+        assert_eq!(write_timeout("patient"), Some(Duration::from_secs(10)));
+        assert_eq!(write_timeout("explicit"), Some(Duration::from_secs(30)));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -56,6 +56,9 @@ pub struct Response {
 const MAX_REQUEST: u64 = 64 * 1024;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to read the answer: one that never reads
+/// must not hold its task and socket for good.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The folder every server's default control socket is made in.
 pub fn default_dir() -> PathBuf {
@@ -262,9 +265,9 @@ async fn answer(stream: UnixStream, reloader: &Reloader) -> anyhow::Result<()> {
     };
     let mut text = serde_json::to_string(&response)?;
     text.push('\n');
-    write
-        .write_all(text.as_bytes())
+    tokio::time::timeout(ANSWER_TIMEOUT, write.write_all(text.as_bytes()))
         .await
+        .context("the client did not read the answer within 5s")?
         .context("writing the answer")?;
     Ok(())
 }

@@ -10,7 +10,8 @@
 //! through the [`control`] socket, by SIGHUP or by the file [`watch`]er.
 //! [`client`], [`check`] and [`scaffold`] (`new`) are the CLI's other verbs,
 //! and [`cli`] parses the command line. Files an operator names are read
-//! through [`input_file`], bounded in kind, size and time.
+//! through [`input_file`], bounded in kind, size and time, and [`logging`]
+//! keeps the server's own log from ever holding it up.
 
 pub mod check;
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod control;
 pub mod framing;
 pub mod input_file;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod plugin;
 pub mod reload;

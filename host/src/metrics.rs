@@ -11,8 +11,8 @@
 //! | `wasm_echo_datagrams_total` | listener |
 //! | `wasm_echo_tcp_connections_total`, `wasm_echo_tcp_messages_total` | listener |
 //! | `wasm_echo_bytes_in_total`, `wasm_echo_bytes_out_total`, `wasm_echo_replies_total` | listener, protocol |
-//! | `wasm_echo_drops_total` (datagrams and messages that got no reply) | listener, reason |
-//! | `wasm_echo_closes_total` (TCP connections ended) | listener, reason |
+//! | `wasm_echo_drops_total` (datagrams and messages that got no reply) | listener, reason (rate-limit, failed, refused-reply, unsent) |
+//! | `wasm_echo_closes_total` (TCP connections ended) | listener, reason (peer, plugin, idle, protocol, failed, shutdown, io, write-timeout) |
 //! | `wasm_echo_rejected_connections_total` | listener |
 //! | `wasm_echo_open_connections` | listener |
 //! | `wasm_echo_reloads_total` | listener, result |
@@ -20,6 +20,7 @@
 //! | `wasm_echo_plugin_call_seconds`, `wasm_echo_instantiation_seconds` (histograms) | listener, version |
 //! | `wasm_echo_instances` | listener, version |
 //! | `wasm_echo_plugin_info` (1 for the current version, 0 for replaced ones) | listener, version, plugin, digest |
+//! | `wasm_echo_log_lines_dropped_total` (host log lines lost because stderr was stalled) | |
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -29,7 +30,7 @@ use anyhow::Context as _;
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::plugin::{CallError, Plugin};
 
@@ -109,50 +110,72 @@ async fn upkeep(handle: PrometheusHandle) {
     }
 }
 
+/// How long a scraper may take to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a scraper may take to read the response. The body is some
+/// kilobytes; a scraper that has not taken it in this long is not reading,
+/// and would otherwise hold its task and socket forever.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The HTTP side, just enough for a scraper: every `GET /metrics` gets the
 /// rendering, anything else a 404. One request per connection.
 async fn answer_scrapes(listener: TcpListener, handle: PrometheusHandle) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let mut request = Vec::with_capacity(1024);
-            let mut buf = [0u8; 1024];
-            let read_head = async {
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(len) => request.extend_from_slice(&buf[..len]),
-                    }
-                }
-            };
-            if tokio::time::timeout(Duration::from_secs(5), read_head)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let line = request
-                .split(|byte| *byte == b'\r')
-                .next()
-                .unwrap_or_default();
-            let (status, content_type, body) = if line.starts_with(b"GET /metrics ") {
-                ("200 OK", "text/plain; version=0.0.4", handle.render())
-            } else {
-                ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
+        tokio::spawn(answer(stream, handle.clone()));
     }
+}
+
+/// Answers one scrape, within [`HEAD_TIMEOUT`] and [`RESPONSE_TIMEOUT`].
+async fn answer(mut stream: TcpStream, handle: PrometheusHandle) {
+    let mut request = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    let read_head = async {
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(len) => request.extend_from_slice(&buf[..len]),
+            }
+        }
+    };
+    if tokio::time::timeout(HEAD_TIMEOUT, read_head).await.is_err() {
+        return;
+    }
+    let line = request
+        .split(|byte| *byte == b'\r')
+        .next()
+        .unwrap_or_default();
+    let (status, content_type, body) = if line.starts_with(b"GET /metrics ") {
+        ("200 OK", "text/plain; version=0.0.4", handle.render())
+    } else {
+        ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let respond = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    if tokio::time::timeout(RESPONSE_TIMEOUT, respond)
+        .await
+        .is_err()
+    {
+        // Reset rather than leave the unread rest in the kernel's buffers.
+        let _ = stream.set_zero_linger();
+    }
+}
+
+/// `total` host log lines have been dropped so far because stderr did not
+/// take them (see [`crate::logging`]).
+pub fn log_lines_dropped(total: u64) {
+    counter!("wasm_echo_log_lines_dropped_total").absolute(total);
 }
 
 /// Why a message got no reply.
@@ -164,6 +187,30 @@ pub enum NoReply {
     Failed,
     /// The reply broke max-reply or the UDP amplification bound.
     RefusedReply,
+    /// The kernel refused the reply datagram, or the socket stayed full
+    /// for the write timeout.
+    Unsent,
+}
+
+impl NoReply {
+    /// Every reason, in the order of their discriminants (the index of each
+    /// one's counter).
+    const ALL: [Self; 4] = [
+        Self::RateLimit,
+        Self::Failed,
+        Self::RefusedReply,
+        Self::Unsent,
+    ];
+
+    /// The `reason` label.
+    fn label(self) -> &'static str {
+        match self {
+            Self::RateLimit => "rate-limit",
+            Self::Failed => "failed",
+            Self::RefusedReply => "refused-reply",
+            Self::Unsent => "unsent",
+        }
+    }
 }
 
 /// Why a TCP connection ended.
@@ -183,6 +230,37 @@ pub enum CloseReason {
     Shutdown,
     /// A read or write failed.
     Io,
+    /// The peer accepted no byte of a reply for the write timeout.
+    WriteTimeout,
+}
+
+impl CloseReason {
+    /// Every reason, in the order of their discriminants (the index of each
+    /// one's counter).
+    const ALL: [Self; 8] = [
+        Self::Peer,
+        Self::Plugin,
+        Self::Idle,
+        Self::Protocol,
+        Self::Failed,
+        Self::Shutdown,
+        Self::Io,
+        Self::WriteTimeout,
+    ];
+
+    /// The `reason` label.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Peer => "peer",
+            Self::Plugin => "plugin",
+            Self::Idle => "idle",
+            Self::Protocol => "protocol",
+            Self::Failed => "failed",
+            Self::Shutdown => "shutdown",
+            Self::Io => "io",
+            Self::WriteTimeout => "write-timeout",
+        }
+    }
 }
 
 /// One listener's counters, registered once so the hot path only adds.
@@ -205,8 +283,10 @@ pub struct ListenerMetrics {
     tcp_out: Counter,
     udp_replies: Counter,
     tcp_replies: Counter,
-    drops: [Counter; 3],
-    closes: [Counter; 7],
+    /// Indexed by [`NoReply`].
+    drops: [Counter; NoReply::ALL.len()],
+    /// Indexed by [`CloseReason`].
+    closes: [Counter; CloseReason::ALL.len()],
 }
 
 impl ListenerMetrics {
@@ -230,16 +310,8 @@ impl ListenerMetrics {
             tcp_out: bytes_out("tcp"),
             udp_replies: replies("udp"),
             tcp_replies: replies("tcp"),
-            drops: [drop("rate-limit"), drop("failed"), drop("refused-reply")],
-            closes: [
-                close("peer"),
-                close("plugin"),
-                close("idle"),
-                close("protocol"),
-                close("failed"),
-                close("shutdown"),
-                close("io"),
-            ],
+            drops: NoReply::ALL.map(|why| drop(why.label())),
+            closes: CloseReason::ALL.map(|why| close(why.label())),
             listener: l,
         }
     }
@@ -349,5 +421,20 @@ pub struct SessionMetrics {
 impl Drop for SessionMetrics {
     fn drop(&mut self) {
         self.instances.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_indexes_its_own_counter() {
+        for (index, why) in NoReply::ALL.iter().enumerate() {
+            assert_eq!(*why as usize, index, "{why:?}");
+        }
+        for (index, why) in CloseReason::ALL.iter().enumerate() {
+            assert_eq!(*why as usize, index, "{why:?}");
+        }
     }
 }

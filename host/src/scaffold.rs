@@ -218,11 +218,13 @@ fn make_executable(_path: &Path) -> anyhow::Result<()> {
 pub fn run(lang: Language, name: &str, dir: Option<&Path>) -> anyhow::Result<ExitCode> {
     let dir = create(lang, name, dir)?;
     let shown = dir.display();
-    println!("created the {lang} plugin `{name}` in {shown}");
-    println!("next:");
-    println!("  cd {shown} && ./build.sh             # writes {name}.wasm");
-    println!("  wasm-echo check {name}.wasm");
-    println!("  wasm-echo serve --plugin {name}.wasm");
+    crate::cli::say(format_args!(
+        "created the {lang} plugin `{name}` in {shown}\n\
+         next:\n  \
+         cd {shown} && ./build.sh             # writes {name}.wasm\n  \
+         wasm-echo check {name}.wasm\n  \
+         wasm-echo serve --plugin {name}.wasm\n"
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -210,6 +210,20 @@ impl Server {
     /// The file watcher or the SIGHUP handler cannot be set up; nothing is
     /// served then.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        self.run_until(shutdown, std::future::pending()).await
+    }
+
+    /// Like [`Server::run`]; `abort`, once `shutdown` has resolved, ends
+    /// the grace period at once (an operator's second Ctrl-C).
+    ///
+    /// # Errors
+    ///
+    /// As for [`Server::run`].
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()>,
+        abort: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let reloader = self
@@ -275,6 +289,7 @@ impl Server {
         }
         let listeners = TaskTracker::new();
         let stop_listeners = stop.child_token();
+        let abort_listeners = CancellationToken::new();
         for socket in self.sockets {
             match socket.kind {
                 SocketKind::Udp(udp) => {
@@ -289,6 +304,7 @@ impl Server {
                         tcp,
                         socket.tenant,
                         stop_listeners.clone(),
+                        abort_listeners.clone(),
                         self.grace,
                     ));
                 }
@@ -297,9 +313,14 @@ impl Server {
         listeners.close();
         tokio::select! {
             () = shutdown => {
-                tracing::info!("shutting down: no new connections; open ones may finish");
                 stop_listeners.cancel();
-                listeners.wait().await;
+                tokio::select! {
+                    () = listeners.wait() => {}
+                    () = abort => {
+                        abort_listeners.cancel();
+                        listeners.wait().await;
+                    }
+                }
             }
             () = listeners.wait() => {}
         }

@@ -118,6 +118,15 @@ impl Server {
         Self::expecting(&["--config", path.to_str().expect("utf-8 path")], sockets)
     }
 
+    /// Like [`Server::with_config`], with `extra` arguments (such as
+    /// `--metrics`), waiting for `lines` `listening` lines in all.
+    pub fn with_config_and(toml: &str, lines: usize, extra: &[&str]) -> Self {
+        let path = scratch_file("wasm-echo.toml", toml.as_bytes());
+        let mut args = vec!["--config", path.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra);
+        Self::expecting(&args, lines)
+    }
+
     /// Like [`Server::with_args`], with `XDG_RUNTIME_DIR` set to `runtime`
     /// (where the server makes its default control socket).
     pub fn with_runtime_dir(runtime: &std::path::Path, args: &[&str]) -> Self {

@@ -117,6 +117,7 @@ fn a_limit_out_of_range_is_refused() {
         ("memory-limit", "\"1KiB\"", "1024 is out of range"),
         ("udp-amplification", "0", "0 is out of range (1 to 1000)"),
         ("max-connections", "0", "0 is out of range"),
+        ("write-timeout", "\"2h\"", "2h is out of range (10ms to 1h)"),
         ("memory-limit", "\"lots\"", "expected a size like 64MiB"),
         // Its burst must hold a whole 4 KiB line.
         (

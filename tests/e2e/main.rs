@@ -32,5 +32,7 @@ mod resolution;
 mod sandbox;
 /// `wasm-echo new`: every language's project builds, passes `check` and serves.
 mod scaffold;
+/// Peers and log readers that stop reading cannot hold the server.
+mod stalls;
 /// Tenants' limits, and hostile plugins contained next to a good tenant.
 mod tenants;

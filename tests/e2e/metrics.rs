@@ -10,7 +10,7 @@ use crate::common::{
 };
 
 /// GETs `/metrics` over plain HTTP and parses the Prometheus text.
-fn scrape(addr: SocketAddr) -> Scrape {
+pub(crate) fn scrape(addr: SocketAddr) -> Scrape {
     let mut stream = TcpStream::connect(addr).expect("metrics endpoint");
     stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
     write!(
@@ -30,7 +30,7 @@ fn scrape(addr: SocketAddr) -> Scrape {
 }
 
 /// The value of the sample of `metric` whose labels include `labels`.
-fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
     scrape
         .samples
         .iter()
@@ -48,12 +48,12 @@ fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> 
 }
 
 /// A series (name and some of its labels) and the value it should have.
-type Expectation<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+pub(crate) type Expectation<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
 
 /// Waits until every expectation holds (counters are bumped just after a
 /// reply leaves, so a scrape may briefly lag the client), then returns the
 /// scrape; fails with the last values if they never do.
-fn expect(addr: SocketAddr, expected: &[Expectation]) -> Scrape {
+pub(crate) fn expect(addr: SocketAddr, expected: &[Expectation]) -> Scrape {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let scrape = scrape(addr);

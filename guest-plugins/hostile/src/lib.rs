@@ -7,6 +7,8 @@
 //! - `recurse`: recurses until the wasm stack is exhausted;
 //! - `panic`: panics;
 //! - `huge-reply`: answers with 8 MiB (max-reply refuses it);
+//! - `huge-greeting`: greets each TCP connection with 8 MiB in `on-open`
+//!   (when max-reply allows it), then echoes;
 //! - `snoop`: tries to reach files, environment, arguments, sockets and a
 //!   fine clock, and answers with what it got;
 //! - `flood-log`: writes thousands of log lines per message;
@@ -62,6 +64,7 @@ fn misbehave(data: Vec<u8>) -> Decision {
         "recurse" => reply(vec![recurse(data.len() as u64 + 1) as u8]),
         "panic" => panic!("hostile plugin panics on purpose"),
         "huge-reply" => reply(vec![b'!'; 8 << 20]),
+        "huge-greeting" => reply(data),
         "snoop" => reply(snoop().into_bytes()),
         "flood-log" => {
             for line in 0..5_000 {
@@ -200,8 +203,9 @@ impl udp::Guest for Hostile {
 
 impl tcp::Guest for Hostile {
     fn on_open(_conn: Connection) -> Decision {
+        let greeting = host::get_config("behaviour").is_some_and(|b| b == "huge-greeting");
         Decision {
-            reply: None,
+            reply: greeting.then(|| vec![b'!'; 8 << 20]),
             next: Next::CarryOn,
         }
     }

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -86,29 +87,47 @@ impl Outbox {
     /// Sends every queued reply, waiting while the socket's send buffer is
     /// full, and reports each one: `Ok(len)` when sent, or why not. A reply
     /// the kernel refuses (an unreachable peer) is reported and skipped; the
-    /// rest are still sent.
+    /// rest are still sent. When the buffer stays full for `patience`, the
+    /// replies left are reported (`TimedOut`) and dropped: the listener
+    /// goes back to reading (and to noticing a shutdown) rather than waiting
+    /// on the network for ever.
     pub async fn flush(
         &mut self,
         socket: &UdpSocket,
+        patience: Duration,
         mut report: impl FnMut(Result<usize, Unsent>),
     ) {
         let mut start = 0;
         while start < self.queue.len() {
             let end = self.queue.len().min(start + BATCH);
             let batch = &self.queue[start..end];
-            match socket
-                .async_io(Interest::WRITABLE, || sys::send(socket, batch))
-                .await
-            {
-                Ok(sent) if sent > 0 => {
+            // The send is polled first; the timer only starts when the
+            // socket is full.
+            let outcome = tokio::time::timeout(
+                patience,
+                socket.async_io(Interest::WRITABLE, || sys::send(socket, batch)),
+            )
+            .await;
+            match outcome {
+                Ok(Ok(sent)) if sent > 0 => {
                     for (_, reply) in &batch[..sent] {
                         report(Ok(reply.len()));
                     }
                     start += sent;
                 }
+                Err(_) => {
+                    for (peer, reply) in &self.queue[start..] {
+                        report(Err(Unsent {
+                            peer: *peer,
+                            len: reply.len(),
+                            error: io::ErrorKind::TimedOut.into(),
+                        }));
+                    }
+                    break;
+                }
                 // The kernel reports an error only when the first message of
                 // the call fails; the rest are tried again after it.
-                outcome => {
+                Ok(outcome) => {
                     let (peer, reply) = &batch[0];
                     let error = outcome
                         .err()

@@ -6,9 +6,15 @@
 //! A connection keeps the plugin version it started with until it closes,
 //! even when a reload swaps in a new one: it never sees two versions.
 //!
+//! A connection ends when its peer closes it, when nothing arrives for the
+//! tenant's idle timeout, or when the peer takes no byte of a reply for the
+//! write timeout (it sends but does not read); neither a silent peer nor a
+//! deaf one holds its slot and its instance for longer.
+//!
 //! Stopping: when the plugin asks (`stop-listener`) or the server shuts
 //! down, the listener stops accepting at once; open connections may finish
-//! their exchange for a grace period, then they are closed.
+//! their exchange for a grace period (cut short by a second signal), then
+//! they are closed.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -19,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
-use tokio_util::bytes::{Bytes, BytesMut};
+use tokio_util::bytes::{Buf, Bytes, BytesMut};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
@@ -33,17 +39,30 @@ use crate::tenant::{Session, Tenant};
 /// costs fewer system calls and plugin calls per byte.
 pub const READ_CHUNK: usize = 64 * 1024;
 
+/// The most reply bytes a connection keeps queued in the kernel unsent
+/// (`TCP_NOTSENT_LOWAT`). By default the kernel lets a writer queue the
+/// whole send buffer (up to 4 MiB) and only wakes it once a third of that
+/// has gone, so a peer reading a few hundred kilobytes a second could look
+/// idle to the write timeout for seconds, and one that reads nothing holds
+/// megabytes of kernel memory. With this mark the writer is woken each
+/// time the peer has taken some 64 KiB: a peer that reads at all keeps its
+/// connection. A fast peer never has this much unsent, so it costs nothing
+/// there.
+#[cfg(target_os = "linux")]
+const UNSENT_LOW_WATER: u32 = 128 * 1024;
+
 /// What a connection's first read asks for. Each read that fills its room
 /// doubles the next, up to [`READ_CHUNK`], so a connection that only ever
 /// exchanges short messages keeps a small buffer.
 const FIRST_READ: usize = 4 * 1024;
 
 /// Serves `listener` until the plugin stops it or `shutdown` fires, then
-/// gives open connections `grace` to finish.
+/// gives open connections `grace` to finish, or less if `abort` fires.
 pub async fn serve(
     listener: TcpListener,
     tenant: Arc<Tenant>,
     shutdown: CancellationToken,
+    abort: CancellationToken,
     grace: Duration,
 ) {
     let local = listener.local_addr().ok();
@@ -97,13 +116,15 @@ pub async fn serve(
             humantime::format_duration(grace)
         );
     }
-    if tokio::time::timeout(grace, connections.wait())
-        .await
-        .is_err()
-    {
+    let cut_short = tokio::select! {
+        () = connections.wait() => None,
+        () = tokio::time::sleep(grace) => Some("grace period over"),
+        () = abort.cancelled() => Some("grace period cut short"),
+    };
+    if let Some(why) = cut_short {
         tracing::info!(
             listener = tenant.name(),
-            "grace period over: closing {} connection(s)",
+            "{why}: closing {} connection(s)",
             connections.len()
         );
         hard_stop.cancel();
@@ -142,6 +163,8 @@ enum End {
     Abandoned,
     /// Nothing arrived for the tenant's idle timeout.
     Idle,
+    /// The peer took no byte of a reply for the tenant's write timeout.
+    WriteTimeout(Duration),
     /// A read or write failed.
     Io(std::io::Error),
     /// The peer broke the framing.
@@ -160,6 +183,12 @@ impl ConnectionTask {
         // packing segments.
         if let Err(error) = self.stream.set_nodelay(true) {
             tracing::debug!(listener, %peer, "TCP_NODELAY not set: {error}");
+        }
+        #[cfg(target_os = "linux")]
+        if let Err(error) =
+            socket2::SockRef::from(&self.stream).set_tcp_notsent_lowat(UNSENT_LOW_WATER)
+        {
+            tracing::debug!(listener, %peer, "TCP_NOTSENT_LOWAT not set: {error}");
         }
         let mut session = match tenant.session().await {
             Ok(session) => session,
@@ -181,6 +210,7 @@ impl ConnectionTask {
             End::PluginClosed => CloseReason::Plugin,
             End::Shutdown | End::Abandoned => CloseReason::Shutdown,
             End::Idle => CloseReason::Idle,
+            End::WriteTimeout(_) => CloseReason::WriteTimeout,
             End::Io(_) => CloseReason::Io,
             End::Protocol(_) => CloseReason::Protocol,
             End::Failed(_) => CloseReason::Failed,
@@ -211,10 +241,21 @@ impl ConnectionTask {
                 }
             }
             End::Idle => tracing::debug!(listener, %peer, version, "connection closed: idle"),
+            // At debug, like idle: a peer must not decide how many lines
+            // the host writes; the metrics count these.
+            End::WriteTimeout(after) => tracing::debug!(
+                listener,
+                %peer,
+                version,
+                "connection reset: the peer took no byte of a reply for {}",
+                humantime::format_duration(after)
+            ),
             End::Io(error) => tracing::debug!(listener, %peer, version, "connection lost: {error}"),
             End::PeerClosed | End::PluginClosed | End::Shutdown | End::Abandoned => {}
         }
-        // Send FIN after the last reply rather than relying on drop.
+        // Send FIN after the last reply rather than relying on drop. This
+        // cannot hang on a peer that does not read: the FIN is queued behind
+        // the unsent bytes and `shutdown(2)` returns at once.
         let _ = self.stream.shutdown().await;
     }
 
@@ -391,22 +432,46 @@ impl ConnectionTask {
     }
 
     /// Frames and writes one reply.
+    ///
+    /// Each write must make progress within the tenant's write timeout: a
+    /// peer that reads, however slowly, keeps its connection, but one that
+    /// takes no byte for that long is not reading, and would otherwise hold
+    /// its slot and its instance for good (the idle timer only runs while
+    /// the server waits to read). Such a connection, and one whose grace
+    /// period ends mid-reply, is reset: the unsent rest is discarded rather
+    /// than left in the kernel's buffers after the socket is closed.
     async fn send(&mut self, reply: &[u8]) -> Option<End> {
         let framed = match Framed::new(self.tenant.config.framing, reply) {
             Ok(framed) => framed,
             Err(error) => return Some(End::Protocol(error)),
         };
         let mut wire = framed.as_buf();
-        let written = tokio::select! {
-            () = &mut self.hard_stop => return Some(End::Shutdown),
-            written = self.stream.write_all_buf(&mut wire) => written,
-        };
-        match written {
-            Ok(()) => {
-                self.tenant.metrics.message_out(framed.len());
-                None
+        let write_timeout = self.tenant.traffic().write_timeout;
+        while wire.has_remaining() {
+            // The write is polled first: a timer is only registered when
+            // the socket's buffer is full, not for every reply.
+            let stalled = tokio::time::sleep(write_timeout);
+            let written = tokio::select! {
+                biased;
+                written = self.stream.write_buf(&mut wire) => written,
+                () = &mut self.hard_stop => return Some(self.abandon(End::Shutdown)),
+                () = stalled => return Some(self.abandon(End::WriteTimeout(write_timeout))),
+            };
+            match written {
+                Ok(0) => return Some(End::Io(std::io::ErrorKind::WriteZero.into())),
+                Ok(_) => {}
+                Err(error) => return Some(End::Io(error)),
             }
-            Err(error) => Some(End::Io(error)),
         }
+        self.tenant.metrics.message_out(framed.len());
+        None
+    }
+
+    /// Ends the connection mid-reply: it will be reset when closed.
+    fn abandon(&self, end: End) -> End {
+        if let Err(error) = self.stream.set_zero_linger() {
+            tracing::debug!(listener = self.tenant.name(), peer = %self.peer, "SO_LINGER not set: {error}");
+        }
+        end
     }
 }

@@ -6,6 +6,10 @@
 //! open, its own bytes back); the failure is logged with the peer, the
 //! instance is dropped and a later datagram gets a fresh one, after a
 //! backoff if failures repeat.
+//!
+//! Replies wait at most the tenant's write timeout for room on the socket;
+//! then they are dropped and counted, so a socket that stays full never
+//! holds the listener (or a shutdown) up.
 
 use std::fmt::Display;
 use std::net::SocketAddr;
@@ -105,6 +109,7 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
     let local = socket.local_addr().ok();
     let mut inbox = Inbox::new();
     let mut outbox = Outbox::default();
+    let mut unsent = SendFailures::default();
     let mut session: Option<Session> = None;
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     // Made once: a fresh `cancelled()` per batch would register and
@@ -169,33 +174,71 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
                 }
             }
             if !outbox.is_empty() && waiting_since.elapsed() >= FLUSH_AFTER {
-                flush(&socket, &tenant, &mut outbox).await;
+                flush(&socket, &tenant, &mut outbox, &mut unsent).await;
                 waiting_since = Instant::now();
             }
         }
-        flush(&socket, &tenant, &mut outbox).await;
+        flush(&socket, &tenant, &mut outbox, &mut unsent).await;
     }
     if let Some(local) = local {
         tracing::info!(listener = tenant.name(), "udp listener on {local} stopped");
     }
 }
 
-/// Sends the queued replies, counting them.
-async fn flush(socket: &UdpSocket, tenant: &Tenant, outbox: &mut Outbox) {
+/// How often a listener may log that replies were not sent.
+const SEND_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// Replies that were not sent, and when that was last logged. Peers that
+/// cannot be reached, or a socket that stays full, must not decide how many
+/// lines the host writes: every one is counted (`drops_total{reason=
+/// "unsent"}`), one in a minute is logged.
+#[derive(Default)]
+struct SendFailures {
+    last_warning: Option<Instant>,
+    since_warning: u64,
+}
+
+impl SendFailures {
+    fn record(&mut self, tenant: &Tenant, unsent: &super::datagrams::Unsent) {
+        tenant.metrics.dropped(NoReply::Unsent);
+        self.since_warning += 1;
+        if self
+            .last_warning
+            .is_some_and(|last| last.elapsed() < SEND_WARNING_EVERY)
+        {
+            return;
+        }
+        let error = match unsent.error.kind() {
+            std::io::ErrorKind::TimedOut => format!(
+                "the socket stayed full for {}",
+                humantime::format_duration(tenant.traffic().write_timeout)
+            ),
+            _ => unsent.error.to_string(),
+        };
+        tracing::warn!(
+            listener = tenant.name(),
+            peer = %unsent.peer,
+            "reply of {} bytes not sent: {error} ({} not sent since the last such line)",
+            unsent.len,
+            self.since_warning
+        );
+        self.last_warning = Some(Instant::now());
+        self.since_warning = 0;
+    }
+}
+
+/// Sends the queued replies, counting them; waits at most the tenant's
+/// write timeout for room on the socket.
+async fn flush(
+    socket: &UdpSocket,
+    tenant: &Tenant,
+    outbox: &mut Outbox,
+    unsent: &mut SendFailures,
+) {
     outbox
-        .flush(socket, |sent| match sent {
+        .flush(socket, tenant.traffic().write_timeout, |sent| match sent {
             Ok(len) => tenant.metrics.datagram_out(len),
-            Err(unsent) => {
-                if tenant.warnings().admit("reply not sent") {
-                    tracing::warn!(
-                        listener = tenant.name(),
-                        peer = %unsent.peer,
-                        "reply of {} bytes not sent: {}",
-                        unsent.len,
-                        unsent.error
-                    );
-                }
-            }
+            Err(failed) => unsent.record(tenant, &failed),
         })
         .await;
 }
