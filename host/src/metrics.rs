@@ -11,7 +11,7 @@
 //! | `wasm_echo_datagrams_total` | listener |
 //! | `wasm_echo_tcp_connections_total`, `wasm_echo_tcp_messages_total` | listener |
 //! | `wasm_echo_bytes_in_total`, `wasm_echo_bytes_out_total`, `wasm_echo_replies_total` | listener, protocol |
-//! | `wasm_echo_drops_total` (datagrams and messages that got no reply) | listener, reason |
+//! | `wasm_echo_drops_total` (datagrams and messages whose plugin reply was not sent: rate-limit, failed, refused-reply) | listener, reason |
 //! | `wasm_echo_closes_total` (TCP connections ended) | listener, reason |
 //! | `wasm_echo_rejected_connections_total` | listener |
 //! | `wasm_echo_open_connections` | listener |

@@ -304,3 +304,48 @@ fn status_says_when_nothing_serves_metrics() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("nothing serves metrics on"), "{stderr}");
 }
+
+#[test]
+fn refused_replies_are_counted_as_refused_not_failed() {
+    // Regression: a refused UDP reply was counted as `failed`.
+    let server = Server::start(
+        plugins::HOSTILE,
+        &[
+            "--plugin-config",
+            "behaviour=huge-reply",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let metrics = metrics_addr(&server);
+    let socket = udp_client(server.udp());
+    socket.send(b"hello").expect("send");
+    let mut stream = tcp_client(server.tcp());
+    stream.write_all(b"hello").expect("send");
+    assert!(crate::common::tcp_read_to_end(&mut stream).is_empty());
+    expect(
+        metrics,
+        &[
+            (
+                "wasm_echo_drops_total",
+                &[("listener", "main"), ("reason", "refused-reply")],
+                2.0,
+            ),
+            (
+                "wasm_echo_drops_total",
+                &[("listener", "main"), ("reason", "failed")],
+                0.0,
+            ),
+            (
+                "wasm_echo_closes_total",
+                &[("listener", "main"), ("reason", "failed")],
+                1.0,
+            ),
+            (
+                "wasm_echo_plugin_failures_total",
+                &[("listener", "main"), ("kind", "reply")],
+                2.0,
+            ),
+        ],
+    );
+}

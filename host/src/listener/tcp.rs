@@ -24,7 +24,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 use crate::framing::{FrameError, Framed, MessageReader};
-use crate::metrics::CloseReason;
+use crate::metrics::{CloseReason, NoReply};
 use crate::plugin::{CallError, Connection, Decision, Next, endpoint};
 use crate::tenant::{Session, Tenant};
 
@@ -327,6 +327,7 @@ impl ConnectionTask {
         error: &CallError,
     ) -> Option<End> {
         self.tenant.record_failure();
+        self.tenant.metrics.dropped(NoReply::Failed);
         let version = session.version();
         self.tenant.metrics.failed(&version, error);
         let reason = format!("{version}: {error}");
@@ -356,6 +357,7 @@ impl ConnectionTask {
     ) -> Option<End> {
         if let Some(reply) = decision.reply {
             if let Err(reason) = self.tenant.vet_reply(&reply, None) {
+                self.tenant.metrics.dropped(NoReply::RefusedReply);
                 let version = session.version();
                 self.tenant.metrics.failure(&version, "reply");
                 let reason = format!("{version}: {reason}");

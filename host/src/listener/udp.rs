@@ -225,6 +225,7 @@ async fn handle(
                 peer,
                 data,
                 &tenant.version_label(),
+                NoReply::Failed,
                 "plugin is backing off after repeated failures",
             );
             return None;
@@ -239,6 +240,7 @@ async fn handle(
                     peer,
                     data,
                     &tenant.version_label(),
+                    NoReply::Failed,
                     format!("instantiation failed: {error}"),
                 );
                 return None;
@@ -252,7 +254,7 @@ async fn handle(
             *session = None;
             tenant.record_failure();
             tenant.metrics.failed(&version, &error);
-            fail(outbox, tenant, peer, data, &version, error);
+            fail(outbox, tenant, peer, data, &version, NoReply::Failed, error);
             return None;
         }
     };
@@ -261,7 +263,15 @@ async fn handle(
         if let Err(reason) = tenant.vet_reply(&reply, Some(data.len())) {
             let version = live.version();
             tenant.metrics.failure(&version, "reply");
-            fail(outbox, tenant, peer, data, &version, reason);
+            fail(
+                outbox,
+                tenant,
+                peer,
+                data,
+                &version,
+                NoReply::RefusedReply,
+                reason,
+            );
             return None;
         }
         outbox.push(peer, reply);
@@ -269,17 +279,18 @@ async fn handle(
     Some(decision.next)
 }
 
-/// A failed datagram: logged, and answered with its own bytes if the tenant
-/// fails open.
+/// A datagram whose plugin reply is not sent (`why`): counted, logged, and
+/// answered with its own bytes if the tenant fails open.
 fn fail(
     outbox: &mut Outbox,
     tenant: &Tenant,
     peer: SocketAddr,
     data: &[u8],
     version: &str,
+    why: NoReply,
     reason: impl Display,
 ) {
-    tenant.metrics.dropped(NoReply::Failed);
+    tenant.metrics.dropped(why);
     match tenant.failure_reply(data) {
         Some(echo) => {
             if tenant.warnings().admit("datagram failed, echoed") {
