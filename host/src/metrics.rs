@@ -2,7 +2,9 @@
 //! text exposition at `/metrics` (`serve --metrics ADDR`). The `metrics`
 //! crate records, `metrics-exporter-prometheus` renders; this module names
 //! the series, keeps ready handles for the ones the hot path touches, and
-//! answers HTTP requests for the rendering.
+//! answers HTTP requests for the rendering. Per-version series are kept
+//! and rendered by [`versions`] instead, so that they leave the page with
+//! their version (see there why the exporter cannot do that).
 //!
 //! Without `--metrics` no recorder is installed and every record is a no-op.
 //!
@@ -19,18 +21,30 @@
 //! | `wasm_echo_plugin_failures_total` | listener, version, kind (trap, deadline, memory, reply) |
 //! | `wasm_echo_plugin_call_seconds`, `wasm_echo_instantiation_seconds` (histograms) | listener, version |
 //! | `wasm_echo_instances` | listener, version |
-//! | `wasm_echo_plugin_info` (1 for the current version, 0 for replaced ones) | listener, version, plugin, digest |
+//! | `wasm_echo_plugin_info` (1 for the current version, 0 for replaced ones still running) | listener, version, plugin, digest |
+//! | `wasm_echo_listener_plugin_failures_total` | listener, kind |
+//! | `wasm_echo_listener_plugin_call_seconds`, `wasm_echo_listener_instantiation_seconds` (histograms) | listener |
+//!
+//! The series with a `version` label exist only while that version does:
+//! while it is current, or while a session still runs it after a reload.
+//! Once its last instance is gone they leave the page, and what they
+//! counted stays in the `wasm_echo_listener_*` totals, which count every
+//! version the listener ever ran (live ones included), so they never go
+//! down. Sum those for a listener across reloads; use the per-version ones
+//! to compare versions.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics::{Counter, Gauge, counter, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::plugin::{CallError, Plugin};
+mod versions;
+
+pub use versions::{FailureKind, PluginSeries, VersionSeries};
 
 /// Histogram buckets for plugin calls and instantiations, in seconds: from
 /// a microsecond to the longest deadline.
@@ -57,6 +71,7 @@ pub async fn serve(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
     let bound = listener
         .local_addr()
         .context("reading the metrics address")?;
+    versions::start_recording();
     tokio::spawn(upkeep(handle.clone()));
     tokio::spawn(answer_scrapes(listener, handle));
     Ok(bound)
@@ -107,7 +122,7 @@ async fn answer_scrapes(listener: TcpListener, handle: PrometheusHandle) {
                 .next()
                 .unwrap_or_default();
             let (status, content_type, body) = if line.starts_with(b"GET /metrics ") {
-                ("200 OK", "text/plain; version=0.0.4", handle.render())
+                ("200 OK", "text/plain; version=0.0.4", render(&handle))
             } else {
                 ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
             };
@@ -120,6 +135,13 @@ async fn answer_scrapes(listener: TcpListener, handle: PrometheusHandle) {
             let _ = stream.shutdown().await;
         });
     }
+}
+
+/// The whole page: the exporter's series, then the per-version ones.
+fn render(handle: &PrometheusHandle) -> String {
+    let mut page = handle.render();
+    versions::render(&mut page);
+    page
 }
 
 /// Why a message got no reply.
@@ -156,16 +178,11 @@ pub enum CloseReason {
 #[derive(Debug)]
 pub struct ListenerMetrics {
     listener: String,
-    /// Datagrams received.
-    pub datagrams: Counter,
-    /// TCP connections accepted and served.
-    pub connections: Counter,
-    /// TCP messages received.
-    pub messages: Counter,
-    /// Connections refused at max-connections.
-    pub rejected: Counter,
-    /// TCP connections open now.
-    pub open_connections: Gauge,
+    datagrams: Counter,
+    connections: Counter,
+    messages: Counter,
+    rejected: Counter,
+    open_connections: Gauge,
     udp_in: Counter,
     udp_out: Counter,
     tcp_in: Counter,
@@ -174,6 +191,8 @@ pub struct ListenerMetrics {
     tcp_replies: Counter,
     drops: [Counter; 3],
     closes: [Counter; 7],
+    /// Its plugin versions' series.
+    plugins: PluginSeries,
 }
 
 impl ListenerMetrics {
@@ -207,6 +226,7 @@ impl ListenerMetrics {
                 close("shutdown"),
                 close("io"),
             ],
+            plugins: PluginSeries::new(listener),
             listener: l,
         }
     }
@@ -235,13 +255,25 @@ impl ListenerMetrics {
         self.tcp_out.increment(len as u64);
     }
 
-    /// A message got no reply.
+    /// A message got no reply from its plugin.
     pub fn dropped(&self, why: NoReply) {
         self.drops[why as usize].increment(1);
     }
 
-    /// A connection ended.
+    /// A connection was refused at max-connections.
+    pub fn rejected(&self) {
+        self.rejected.increment(1);
+    }
+
+    /// A connection is being served.
+    pub fn opened(&self) {
+        self.connections.increment(1);
+        self.open_connections.increment(1.0);
+    }
+
+    /// A connection [`opened`](Self::opened) ended.
     pub fn closed(&self, why: CloseReason) {
+        self.open_connections.decrement(1.0);
         self.closes[why as usize].increment(1);
     }
 
@@ -251,70 +283,9 @@ impl ListenerMetrics {
         counter!("wasm_echo_reloads_total", "listener" => self.listener.clone(), "result" => result).increment(1);
     }
 
-    /// A plugin call of `version` failed.
-    pub fn failed(&self, version: &str, error: &CallError) {
-        let kind = match error {
-            CallError::Deadline(_) => "deadline",
-            CallError::Limit(_) => "memory",
-            CallError::Trap(_) => "trap",
-        };
-        self.failure(version, kind);
-    }
-
-    /// A plugin misbehaved in a way the host caught: `kind` is `trap`,
-    /// `deadline`, `memory` or `reply`.
-    pub fn failure(&self, version: &str, kind: &'static str) {
-        counter!(
-            "wasm_echo_plugin_failures_total",
-            "listener" => self.listener.clone(), "version" => version.to_owned(), "kind" => kind
-        )
-        .increment(1);
-    }
-
-    /// `current` now serves this listener, in place of `previous`.
-    pub fn serving(&self, current: &Plugin, previous: Option<&Plugin>) {
-        let info = |plugin: &Plugin| {
-            gauge!(
-                "wasm_echo_plugin_info",
-                "listener" => self.listener.clone(), "version" => plugin.version(),
-                "plugin" => plugin.name().to_owned(), "digest" => plugin.digest().to_owned()
-            )
-        };
-        if let Some(previous) = previous {
-            info(previous).set(0.0);
-        }
-        info(current).set(1.0);
-    }
-
-    /// Handles for the calls of one session on `version`.
-    pub fn session(&self, version: &str) -> SessionMetrics {
-        let labels = [
-            ("listener", self.listener.clone()),
-            ("version", version.to_owned()),
-        ];
-        let instances = gauge!("wasm_echo_instances", &labels);
-        instances.increment(1.0);
-        SessionMetrics {
-            calls: histogram!("wasm_echo_plugin_call_seconds", &labels),
-            instantiation: histogram!("wasm_echo_instantiation_seconds", &labels),
-            instances,
-        }
-    }
-}
-
-/// One session's handles: its call latencies and its place in the instance
-/// gauge, which it leaves when dropped.
-#[derive(Debug)]
-pub struct SessionMetrics {
-    /// How long each plugin call took.
-    pub calls: Histogram,
-    /// How long the instance took to start.
-    pub instantiation: Histogram,
-    instances: Gauge,
-}
-
-impl Drop for SessionMetrics {
-    fn drop(&mut self) {
-        self.instances.decrement(1.0);
+    /// The series of one version of this listener's plugin; see
+    /// [`PluginSeries::version`].
+    pub fn version(&self, version: &str, plugin: Option<(&str, &str)>) -> VersionSeries {
+        self.plugins.version(version, plugin)
     }
 }

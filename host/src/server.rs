@@ -103,7 +103,7 @@ impl Server {
     async fn bind_tenants(tenants: Vec<Arc<Tenant>>, grace: Duration) -> anyhow::Result<Self> {
         let mut sockets = Vec::new();
         for tenant in &tenants {
-            if let Some(addr) = tenant.config.udp {
+            if let Some(addr) = tenant.udp_addr() {
                 let socket = UdpSocket::bind(addr)
                     .await
                     .map_err(|e| bind_error("udp", addr, &e))?;
@@ -112,7 +112,7 @@ impl Server {
                     kind: SocketKind::Udp(socket),
                 });
             }
-            if let Some(addr) = tenant.config.tcp {
+            if let Some(addr) = tenant.tcp_addr() {
                 let socket = TcpListener::bind(addr)
                     .await
                     .map_err(|e| bind_error("tcp", addr, &e))?;
@@ -162,7 +162,7 @@ impl Server {
         for tenant in &self.tenants {
             tracing::info!(
                 listener = tenant.name(),
-                version = tenant.version_label(),
+                version = &*tenant.version_label(),
                 "serving"
             );
         }

@@ -138,9 +138,9 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
         let mut index = 0;
         while let Some((peer, data)) = inbox.get(index) {
             index += 1;
-            tenant.metrics.datagram_in(data.len());
+            tenant.metrics().datagram_in(data.len());
             if !tenant.admit_message(peer.ip()) {
-                tenant.metrics.dropped(NoReply::RateLimit);
+                tenant.metrics().dropped(NoReply::RateLimit);
                 tracing::debug!(listener = tenant.name(), %peer, "datagram dropped: rate limit");
                 continue;
             }
@@ -157,7 +157,7 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
                 }
             };
             if next == Some(Next::StopListener) {
-                if tenant.config.honor_stop {
+                if tenant.honor_stop() {
                     tracing::info!(listener = tenant.name(), %peer, "plugin stopped the udp listener");
                     // The rest of the batch goes unanswered, as datagrams
                     // still queued on the socket would.
@@ -184,7 +184,7 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
 async fn flush(socket: &UdpSocket, tenant: &Tenant, outbox: &mut Outbox) {
     outbox
         .flush(socket, |sent| match sent {
-            Ok(len) => tenant.metrics.datagram_out(len),
+            Ok(len) => tenant.metrics().datagram_out(len),
             Err(unsent) => {
                 if tenant.warnings().admit("reply not sent") {
                     tracing::warn!(
@@ -253,16 +253,14 @@ async fn handle(
             let version = live.version();
             *session = None;
             tenant.record_failure();
-            tenant.metrics.failed(&version, &error);
             fail(outbox, tenant, peer, data, &version, NoReply::Failed, error);
             return None;
         }
     };
     tenant.record_success();
     if let Some(reply) = decision.reply {
-        if let Err(reason) = tenant.vet_reply(&reply, Some(data.len())) {
+        if let Err(reason) = tenant.vet_reply(live, &reply, Some(data.len())) {
             let version = live.version();
-            tenant.metrics.failure(&version, "reply");
             fail(
                 outbox,
                 tenant,
@@ -290,7 +288,7 @@ fn fail(
     why: NoReply,
     reason: impl Display,
 ) {
-    tenant.metrics.dropped(why);
+    tenant.metrics().dropped(why);
     match tenant.failure_reply(data) {
         Some(echo) => {
             if tenant.warnings().admit("datagram failed, echoed") {
