@@ -2,7 +2,9 @@
 //! text exposition at `/metrics` (`serve --metrics ADDR`). The `metrics`
 //! crate records, `metrics-exporter-prometheus` renders; this module names
 //! the series, keeps ready handles for the ones the hot path touches, and
-//! answers HTTP requests for the rendering.
+//! answers HTTP requests for the rendering. Per-version series are kept
+//! and rendered by [`versions`] instead, so that they leave the page with
+//! their version (see there why the exporter cannot do that).
 //!
 //! Without `--metrics` no recorder is installed and every record is a no-op.
 //!
@@ -19,20 +21,32 @@
 //! | `wasm_echo_plugin_failures_total` | listener, version, kind (trap, deadline, memory, reply) |
 //! | `wasm_echo_plugin_call_seconds`, `wasm_echo_instantiation_seconds` (histograms) | listener, version |
 //! | `wasm_echo_instances` | listener, version |
-//! | `wasm_echo_plugin_info` (1 for the current version, 0 for replaced ones) | listener, version, plugin, digest |
+//! | `wasm_echo_plugin_info` (1 for the current version, 0 for replaced ones still running) | listener, version, plugin, digest |
 //! | `wasm_echo_log_lines_dropped_total` (host log lines lost because stderr was stalled) | |
+//! | `wasm_echo_listener_plugin_failures_total` | listener, kind |
+//! | `wasm_echo_listener_plugin_call_seconds`, `wasm_echo_listener_instantiation_seconds` (histograms) | listener |
+//!
+//! The series with a `version` label exist only while that version does:
+//! while it is current, or while a session still runs it after a reload.
+//! Once its last instance is gone they leave the page, and what they
+//! counted stays in the `wasm_echo_listener_*` totals, which count every
+//! version the listener ever ran (live ones included), so they never go
+//! down. Sum those for a listener across reloads; use the per-version ones
+//! to compare versions.
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics::{Counter, Gauge, counter, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::plugin::{CallError, Plugin};
+mod versions;
+
+pub use versions::{FailureKind, PluginSeries, VersionSeries};
 
 /// Histogram buckets for plugin calls and instantiations, in seconds: from
 /// a microsecond to the longest deadline.
@@ -73,6 +87,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<MetricsEndpoint> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    versions::start_recording();
     Ok(MetricsEndpoint { listener, handle })
 }
 
@@ -150,7 +165,7 @@ async fn answer(mut stream: TcpStream, handle: PrometheusHandle) {
         .next()
         .unwrap_or_default();
     let (status, content_type, body) = if line.starts_with(b"GET /metrics ") {
-        ("200 OK", "text/plain; version=0.0.4", handle.render())
+        ("200 OK", "text/plain; version=0.0.4", render(&handle))
     } else {
         ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
     };
@@ -170,6 +185,13 @@ async fn answer(mut stream: TcpStream, handle: PrometheusHandle) {
         // Reset rather than leave the unread rest in the kernel's buffers.
         let _ = stream.set_zero_linger();
     }
+}
+
+/// The whole page: the exporter's series, then the per-version ones.
+fn render(handle: &PrometheusHandle) -> String {
+    let mut page = handle.render();
+    versions::render(&mut page);
+    page
 }
 
 /// `total` host log lines have been dropped so far because stderr did not
@@ -267,16 +289,11 @@ impl CloseReason {
 #[derive(Debug)]
 pub struct ListenerMetrics {
     listener: String,
-    /// Datagrams received.
-    pub datagrams: Counter,
-    /// TCP connections accepted and served.
-    pub connections: Counter,
-    /// TCP messages received.
-    pub messages: Counter,
-    /// Connections refused at max-connections.
-    pub rejected: Counter,
-    /// TCP connections open now.
-    pub open_connections: Gauge,
+    datagrams: Counter,
+    connections: Counter,
+    messages: Counter,
+    rejected: Counter,
+    open_connections: Gauge,
     udp_in: Counter,
     udp_out: Counter,
     tcp_in: Counter,
@@ -287,6 +304,8 @@ pub struct ListenerMetrics {
     drops: [Counter; NoReply::ALL.len()],
     /// Indexed by [`CloseReason`].
     closes: [Counter; CloseReason::ALL.len()],
+    /// Its plugin versions' series.
+    plugins: PluginSeries,
 }
 
 impl ListenerMetrics {
@@ -312,6 +331,7 @@ impl ListenerMetrics {
             tcp_replies: replies("tcp"),
             drops: NoReply::ALL.map(|why| drop(why.label())),
             closes: CloseReason::ALL.map(|why| close(why.label())),
+            plugins: PluginSeries::new(listener),
             listener: l,
         }
     }
@@ -340,13 +360,25 @@ impl ListenerMetrics {
         self.tcp_out.increment(len as u64);
     }
 
-    /// A message got no reply.
+    /// A message got no reply from its plugin.
     pub fn dropped(&self, why: NoReply) {
         self.drops[why as usize].increment(1);
     }
 
-    /// A connection ended.
+    /// A connection was refused at max-connections.
+    pub fn rejected(&self) {
+        self.rejected.increment(1);
+    }
+
+    /// A connection is being served.
+    pub fn opened(&self) {
+        self.connections.increment(1);
+        self.open_connections.increment(1.0);
+    }
+
+    /// A connection [`opened`](Self::opened) ended.
     pub fn closed(&self, why: CloseReason) {
+        self.open_connections.decrement(1.0);
         self.closes[why as usize].increment(1);
     }
 
@@ -356,71 +388,10 @@ impl ListenerMetrics {
         counter!("wasm_echo_reloads_total", "listener" => self.listener.clone(), "result" => result).increment(1);
     }
 
-    /// A plugin call of `version` failed.
-    pub fn failed(&self, version: &str, error: &CallError) {
-        let kind = match error {
-            CallError::Deadline(_) => "deadline",
-            CallError::Limit(_) => "memory",
-            CallError::Trap { .. } => "trap",
-        };
-        self.failure(version, kind);
-    }
-
-    /// A plugin misbehaved in a way the host caught: `kind` is `trap`,
-    /// `deadline`, `memory` or `reply`.
-    pub fn failure(&self, version: &str, kind: &'static str) {
-        counter!(
-            "wasm_echo_plugin_failures_total",
-            "listener" => self.listener.clone(), "version" => version.to_owned(), "kind" => kind
-        )
-        .increment(1);
-    }
-
-    /// `current` now serves this listener, in place of `previous`.
-    pub fn serving(&self, current: &Plugin, previous: Option<&Plugin>) {
-        let info = |plugin: &Plugin| {
-            gauge!(
-                "wasm_echo_plugin_info",
-                "listener" => self.listener.clone(), "version" => plugin.version(),
-                "plugin" => plugin.name().to_owned(), "digest" => plugin.digest().to_owned()
-            )
-        };
-        if let Some(previous) = previous {
-            info(previous).set(0.0);
-        }
-        info(current).set(1.0);
-    }
-
-    /// Handles for the calls of one session on `version`.
-    pub fn session(&self, version: &str) -> SessionMetrics {
-        let labels = [
-            ("listener", self.listener.clone()),
-            ("version", version.to_owned()),
-        ];
-        let instances = gauge!("wasm_echo_instances", &labels);
-        instances.increment(1.0);
-        SessionMetrics {
-            calls: histogram!("wasm_echo_plugin_call_seconds", &labels),
-            instantiation: histogram!("wasm_echo_instantiation_seconds", &labels),
-            instances,
-        }
-    }
-}
-
-/// One session's handles: its call latencies and its place in the instance
-/// gauge, which it leaves when dropped.
-#[derive(Debug)]
-pub struct SessionMetrics {
-    /// How long each plugin call took.
-    pub calls: Histogram,
-    /// How long the instance took to start.
-    pub instantiation: Histogram,
-    instances: Gauge,
-}
-
-impl Drop for SessionMetrics {
-    fn drop(&mut self) {
-        self.instances.decrement(1.0);
+    /// The series of one version of this listener's plugin; see
+    /// [`PluginSeries::version`].
+    pub fn version(&self, version: &str, plugin: Option<(&str, &str)>) -> VersionSeries {
+        self.plugins.version(version, plugin)
     }
 }
 

@@ -154,7 +154,7 @@ impl Reloader {
             .iter()
             .filter(|tenant| listener.is_none_or(|name| name == tenant.name()));
         for tenant in targets {
-            tenant.metrics.reloaded(result.is_ok());
+            tenant.metrics().reloaded(result.is_ok());
         }
         result
     }

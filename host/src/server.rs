@@ -283,7 +283,7 @@ impl Server {
         for tenant in &self.tenants {
             tracing::info!(
                 listener = tenant.name(),
-                version = tenant.version_label(),
+                version = &*tenant.version_label(),
                 "serving"
             );
         }
@@ -351,7 +351,7 @@ async fn bind_metrics(
 async fn bind_sockets(tenants: &[Arc<Tenant>]) -> anyhow::Result<Vec<Socket>> {
     let mut sockets = Vec::new();
     for tenant in tenants {
-        for (protocol, addr) in tenant.config.sockets() {
+        for (protocol, addr) in tenant.sockets() {
             let kind = match protocol {
                 Protocol::Udp => UdpSocket::bind(addr).await.map(SocketKind::Udp),
                 Protocol::Tcp => TcpListener::bind(addr).await.map(SocketKind::Tcp),

@@ -113,7 +113,7 @@ fn render(before: &Scrape, after: &Scrape, interval: Duration) -> String {
     let messages = rate("wasm_echo_tcp_messages_total");
     let replies = rate("wasm_echo_replies_total");
     let open = per_listener(after, "wasm_echo_open_connections", None);
-    let failures = per_listener(after, "wasm_echo_plugin_failures_total", None);
+    let failures = per_listener(after, "wasm_echo_listener_plugin_failures_total", None);
     let drops = per_listener(after, "wasm_echo_drops_total", None);
     let reloads_ok = per_listener(after, "wasm_echo_reloads_total", Some(("result", "ok")));
     let reloads_failed = per_listener(after, "wasm_echo_reloads_total", Some(("result", "failed")));

@@ -304,3 +304,191 @@ fn status_says_when_nothing_serves_metrics() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("nothing serves metrics on"), "{stderr}");
 }
+
+#[test]
+fn refused_replies_are_counted_as_refused_not_failed() {
+    // Regression: a refused UDP reply was counted as `failed`.
+    let server = Server::start(
+        plugins::HOSTILE,
+        &[
+            "--plugin-config",
+            "behaviour=huge-reply",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let metrics = metrics_addr(&server);
+    let socket = udp_client(server.udp());
+    socket.send(b"hello").expect("send");
+    let mut stream = tcp_client(server.tcp());
+    stream.write_all(b"hello").expect("send");
+    assert!(crate::common::tcp_read_to_end(&mut stream).is_empty());
+    expect(
+        metrics,
+        &[
+            (
+                "wasm_echo_drops_total",
+                &[("listener", "main"), ("reason", "refused-reply")],
+                2.0,
+            ),
+            (
+                "wasm_echo_drops_total",
+                &[("listener", "main"), ("reason", "failed")],
+                0.0,
+            ),
+            (
+                "wasm_echo_closes_total",
+                &[("listener", "main"), ("reason", "failed")],
+                1.0,
+            ),
+            (
+                "wasm_echo_plugin_failures_total",
+                &[("listener", "main"), ("kind", "reply")],
+                2.0,
+            ),
+            (
+                "wasm_echo_listener_plugin_failures_total",
+                &[("listener", "main"), ("kind", "reply")],
+                2.0,
+            ),
+        ],
+    );
+}
+
+/// `component` with a custom section appended: the same plugin, with
+/// other bytes and so another digest.
+fn with_custom_section(component: &[u8], payload: &[u8]) -> Vec<u8> {
+    fn leb128(mut value: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (value & 0x7f) as u8;
+            value >>= 7;
+            if value == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let name = b"wasm-echo-test";
+    let mut section = Vec::new();
+    leb128(name.len(), &mut section);
+    section.extend_from_slice(name);
+    section.extend_from_slice(payload);
+    let mut bytes = component.to_vec();
+    bytes.push(0);
+    leb128(section.len(), &mut bytes);
+    bytes.extend_from_slice(&section);
+    bytes
+}
+
+/// How many versions have a `wasm_echo_plugin_info` series.
+fn info_series(scrape: &Scrape) -> usize {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "wasm_echo_plugin_info")
+        .count()
+}
+
+/// The number of lines of the `/metrics` page.
+fn page_lines(addr: SocketAddr) -> usize {
+    let mut stream = TcpStream::connect(addr).expect("metrics endpoint");
+    stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (_, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    body.lines().count()
+}
+
+#[test]
+fn retired_versions_leave_the_metrics_and_their_counts_stay_in_the_totals() {
+    // Regression: every version ever swapped in kept its ~50 series, so a
+    // server reloading every few seconds grew its page without bound.
+    let control = scratch_file("placeholder", b"").with_file_name("control.sock");
+    let control_arg = control.to_str().expect("utf-8 path");
+    let server = Server::start(
+        "echo",
+        &["--metrics", "127.0.0.1:0", "--control", control_arg],
+    );
+    let metrics = metrics_addr(&server);
+    let echo = std::fs::read(plugins::ECHO).expect("built echo plugin");
+    let socket = udp_client(server.udp());
+    let mut calls = 0.0;
+    // Traffic on the version just swapped in: the datagram moves the UDP
+    // listener's instance to it, and the connection opens and closes on it.
+    let mut traffic = || {
+        assert_eq!(udp_ask(&socket, b"ping"), b"ping");
+        let mut stream = tcp_client(server.tcp());
+        assert_eq!(tcp_ask(&mut stream, b"pong", 4), b"pong");
+        calls += 2.0;
+    };
+    traffic();
+    let mut size_after_first_swap = None;
+    for version in 1..=50u32 {
+        let plugin = scratch_file(
+            "echo.wasm",
+            &with_custom_section(&echo, &version.to_le_bytes()),
+        );
+        let reloaded = run(&[
+            "reload",
+            "--control",
+            control_arg,
+            "--plugin",
+            plugin.to_str().expect("utf-8 path"),
+        ]);
+        assert!(
+            reloaded.status.success(),
+            "{}",
+            String::from_utf8_lossy(&reloaded.stderr)
+        );
+        traffic();
+        if size_after_first_swap.is_none() {
+            // Once the replaced version's connection has closed, only the
+            // current version is left.
+            let deadline = Instant::now() + PATIENCE;
+            while info_series(&scrape(metrics)) > 1 {
+                assert!(Instant::now() < deadline, "the first version never retired");
+                thread::sleep(Duration::from_millis(20));
+            }
+            size_after_first_swap = Some(page_lines(metrics));
+        }
+    }
+    let size = size_after_first_swap.expect("measured");
+    let deadline = Instant::now() + PATIENCE;
+    while page_lines(metrics) > size {
+        assert!(
+            Instant::now() < deadline,
+            "the page grew from {size} to {} lines",
+            page_lines(metrics)
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let scrape = expect(
+        metrics,
+        &[
+            (
+                "wasm_echo_listener_plugin_call_seconds_count",
+                &[("listener", "main")],
+                calls,
+            ),
+            (
+                "wasm_echo_listener_instantiation_seconds_count",
+                &[("listener", "main")],
+                // A UDP instance and a connection's per version.
+                2.0 * 51.0,
+            ),
+            (
+                "wasm_echo_reloads_total",
+                &[("listener", "main"), ("result", "ok")],
+                50.0,
+            ),
+        ],
+    );
+    assert_eq!(info_series(&scrape), 1, "only the current version is left");
+    assert_eq!(value(&scrape, "wasm_echo_plugin_info", &[]), Some(1.0));
+}

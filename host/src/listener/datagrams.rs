@@ -258,3 +258,142 @@ mod sys {
         socket.try_send_to(reply, *peer).map(|_| 1)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A socket on loopback with an ephemeral port.
+    async fn loopback() -> UdpSocket {
+        UdpSocket::bind("127.0.0.1:0").await.expect("bind")
+    }
+
+    /// Reads one batch from `socket`, waiting until something has arrived.
+    async fn receive(inbox: &mut Inbox, socket: &UdpSocket) -> usize {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                socket.readable().await.expect("readable");
+                match inbox.receive(socket) {
+                    Ok(count) => return count,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(error) => panic!("receive failed: {error}"),
+                }
+            }
+        })
+        .await
+        .expect("datagrams within 10 s")
+    }
+
+    /// Every datagram of the last batch, with its sender.
+    fn batch(inbox: &Inbox) -> Vec<(SocketAddr, Vec<u8>)> {
+        (0..)
+            .map_while(|index| inbox.get(index))
+            .map(|(peer, data)| (peer, data.to_vec()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_inbox_reads_queued_datagrams_in_order_with_their_senders() {
+        let server = loopback().await;
+        let to = server.local_addr().expect("addr");
+        let (one, two) = (loopback().await, loopback().await);
+        one.send_to(b"first", to).await.expect("send");
+        two.send_to(b"", to).await.expect("send");
+        one.send_to(&[7; 1400], to).await.expect("send");
+        let mut inbox = Inbox::new();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            receive(&mut inbox, &server).await;
+            got.extend(batch(&inbox));
+        }
+        let (one, two) = (
+            one.local_addr().expect("addr"),
+            two.local_addr().expect("addr"),
+        );
+        assert_eq!(
+            got,
+            vec![
+                (one, b"first".to_vec()),
+                (two, Vec::new()),
+                (one, vec![7; 1400])
+            ]
+        );
+        assert!(inbox.get(3).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_inbox_takes_at_most_a_batch_and_the_rest_waits_for_the_next() {
+        let server = loopback().await;
+        let to = server.local_addr().expect("addr");
+        let client = loopback().await;
+        let sent = BATCH + 5;
+        for n in 0..sent {
+            client.send_to(&n.to_be_bytes(), to).await.expect("send");
+        }
+        let mut inbox = Inbox::new();
+        let mut got = Vec::new();
+        while got.len() < sent {
+            let count = receive(&mut inbox, &server).await;
+            assert!((1..=BATCH).contains(&count), "{count}");
+            got.extend(batch(&inbox).into_iter().map(|(_, data)| data));
+        }
+        let expected: Vec<Vec<u8>> = (0..sent).map(|n| n.to_be_bytes().to_vec()).collect();
+        assert_eq!(got, expected);
+        let empty = inbox.receive(&server).expect_err("nothing is queued");
+        assert_eq!(empty.kind(), io::ErrorKind::WouldBlock);
+        assert!(inbox.get(0).is_none(), "the last batch is forgotten");
+    }
+
+    #[tokio::test]
+    async fn an_outbox_sends_every_reply_across_batches_and_reports_each() {
+        let server = loopback().await;
+        let client = loopback().await;
+        let to = client.local_addr().expect("addr");
+        let mut outbox = Outbox::default();
+        assert!(outbox.is_empty());
+        let count = 2 * BATCH + 3;
+        for n in 0..count {
+            outbox.push(to, vec![u8::try_from(n % 251).expect("small"); n + 1]);
+        }
+        let mut reports = Vec::new();
+        outbox
+            .flush(&server, Duration::from_secs(5), |sent| {
+                reports.push(sent.map_err(|unsent| unsent.len))
+            })
+            .await;
+        assert!(outbox.is_empty());
+        assert_eq!(reports, (1..=count).map(Ok).collect::<Vec<_>>());
+        let mut buf = [0; 1024];
+        for n in 0..count {
+            let (len, from) = client.recv_from(&mut buf).await.expect("reply");
+            assert_eq!(from, server.local_addr().expect("addr"));
+            assert_eq!(len, n + 1, "replies arrive in order");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_the_kernel_refuses_is_reported_and_the_rest_still_go() {
+        let server = loopback().await;
+        let client = loopback().await;
+        let to = client.local_addr().expect("addr");
+        let mut outbox = Outbox::default();
+        outbox.push(to, b"before".to_vec());
+        // Larger than any datagram: the kernel refuses it (EMSGSIZE).
+        outbox.push(to, vec![0; 70_000]);
+        outbox.push(to, b"after".to_vec());
+        let mut reports = Vec::new();
+        outbox
+            .flush(&server, Duration::from_secs(5), |sent| {
+                reports.push(sent.map_err(|unsent| (unsent.peer, unsent.len)));
+            })
+            .await;
+        assert_eq!(reports, vec![Ok(6), Err((to, 70_000)), Ok(5)]);
+        let mut buf = [0; 1024];
+        for expected in [&b"before"[..], b"after"] {
+            let (len, _) = client.recv_from(&mut buf).await.expect("reply");
+            assert_eq!(&buf[..len], expected);
+        }
+    }
+}

@@ -30,7 +30,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 use crate::framing::{FrameError, Framed, MessageReader};
-use crate::metrics::CloseReason;
+use crate::metrics::{CloseReason, NoReply};
 use crate::plugin::{CallError, Connection, Decision, Next, endpoint};
 use crate::tenant::{Session, Tenant};
 
@@ -87,12 +87,12 @@ pub async fn serve(
             },
         };
         let Some(permit) = tenant.admit_connection() else {
-            tenant.metrics.rejected.increment(1);
+            tenant.metrics().rejected();
             tracing::debug!(
                 listener = tenant.name(),
                 %peer,
                 "connection refused: max-connections ({}) reached",
-                tenant.traffic().max_connections
+                tenant.max_connections()
             );
             continue;
         };
@@ -194,18 +194,15 @@ impl ConnectionTask {
             Ok(session) => session,
             Err(error) => {
                 tenant.record_failure();
-                tenant.metrics.failed(&tenant.version_label(), &error);
                 if tenant.warnings().admit("connection refused") {
                     tracing::warn!(listener, %peer, "connection refused: instantiation failed: {error}");
                 }
                 return;
             }
         };
-        tenant.metrics.connections.increment(1);
-        tenant.metrics.open_connections.increment(1.0);
+        tenant.metrics().opened();
         let end = self.exchange(&mut session).await;
-        tenant.metrics.open_connections.decrement(1.0);
-        tenant.metrics.closed(match &end {
+        tenant.metrics().closed(match &end {
             End::PeerClosed => CloseReason::Peer,
             End::PluginClosed => CloseReason::Plugin,
             End::Shutdown | End::Abandoned => CloseReason::Shutdown,
@@ -216,6 +213,7 @@ impl ConnectionTask {
             End::Failed(_) => CloseReason::Failed,
         });
         let version = session.version();
+        let version = &*version;
         // After the grace period the plugin gets no more calls: shutdown
         // must not wait for them.
         if !matches!(end, End::Failed(_) | End::Shutdown | End::Abandoned) {
@@ -268,7 +266,7 @@ impl ConnectionTask {
         let conn = Connection {
             peer: endpoint(self.peer),
             local: endpoint(local),
-            framing: self.tenant.config.framing.into(),
+            framing: self.tenant.framing().into(),
         };
         let opened = tokio::select! {
             () = &mut self.hard_stop => return End::Abandoned,
@@ -278,22 +276,20 @@ impl ConnectionTask {
             Ok(decision) => decision,
             Err(error) => {
                 let version = session.version();
-                self.tenant.metrics.failed(&version, &error);
                 return End::Failed(format!("{version}: {error}"));
             }
         };
         if let Some(end) = self.carry_out(session, decision, None).await {
             return end;
         }
-        let mut reader =
-            MessageReader::new(self.tenant.config.framing, self.tenant.config.max_message);
+        let mut reader = MessageReader::new(self.tenant.framing(), self.tenant.max_message());
         let mut want = FIRST_READ;
         let mut buf = BytesMut::with_capacity(want);
         let mut peer_closed = false;
         // The idle timer is set once and only moved when it fires after
         // activity, rather than re-armed (a trip through tokio's timer
         // wheel) on every read.
-        let idle_timeout = self.tenant.traffic().idle_timeout;
+        let idle_timeout = self.tenant.idle_timeout();
         let mut last_read = Instant::now();
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
@@ -348,7 +344,7 @@ impl ConnectionTask {
             () = &mut self.hard_stop => return Some(End::Shutdown),
             () = self.tenant.pace(self.peer.ip()) => {}
         }
-        self.tenant.metrics.message_in(message.len());
+        self.tenant.metrics().message_in(message.len());
         let called = tokio::select! {
             () = &mut self.hard_stop => return Some(End::Abandoned),
             called = session.on_message(&message) => called,
@@ -368,8 +364,9 @@ impl ConnectionTask {
         error: &CallError,
     ) -> Option<End> {
         self.tenant.record_failure();
+        self.tenant.metrics().dropped(NoReply::Failed);
         let version = session.version();
-        self.tenant.metrics.failed(&version, error);
+        let version = &*version;
         let reason = format!("{version}: {error}");
         let Some(echo) = self.tenant.failure_reply(message) else {
             return Some(End::Failed(reason));
@@ -396,9 +393,9 @@ impl ConnectionTask {
         request: Option<&[u8]>,
     ) -> Option<End> {
         if let Some(reply) = decision.reply {
-            if let Err(reason) = self.tenant.vet_reply(&reply, None) {
+            if let Err(reason) = self.tenant.vet_reply(session, &reply, None) {
+                self.tenant.metrics().dropped(NoReply::RefusedReply);
                 let version = session.version();
-                self.tenant.metrics.failure(&version, "reply");
                 let reason = format!("{version}: {reason}");
                 return match request.and_then(|request| self.tenant.failure_reply(request)) {
                     Some(echo) => self.send(echo).await,
@@ -413,7 +410,7 @@ impl ConnectionTask {
         match decision.next {
             Next::CarryOn => None,
             Next::CloseConnection => Some(End::PluginClosed),
-            Next::StopListener if !self.tenant.config.honor_stop => {
+            Next::StopListener if !self.tenant.honor_stop() => {
                 if self.tenant.warnings().admit("stop ignored") {
                     tracing::warn!(
                         listener = self.tenant.name(),
@@ -441,12 +438,12 @@ impl ConnectionTask {
     /// period ends mid-reply, is reset: the unsent rest is discarded rather
     /// than left in the kernel's buffers after the socket is closed.
     async fn send(&mut self, reply: &[u8]) -> Option<End> {
-        let framed = match Framed::new(self.tenant.config.framing, reply) {
+        let framed = match Framed::new(self.tenant.framing(), reply) {
             Ok(framed) => framed,
             Err(error) => return Some(End::Protocol(error)),
         };
         let mut wire = framed.as_buf();
-        let write_timeout = self.tenant.traffic().write_timeout;
+        let write_timeout = self.tenant.write_timeout();
         while wire.has_remaining() {
             // The write is polled first: a timer is only registered when
             // the socket's buffer is full, not for every reply.
@@ -463,7 +460,7 @@ impl ConnectionTask {
                 Err(error) => return Some(End::Io(error)),
             }
         }
-        self.tenant.metrics.message_out(framed.len());
+        self.tenant.metrics().message_out(framed.len());
         None
     }
 

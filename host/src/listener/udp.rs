@@ -143,9 +143,9 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
         let mut index = 0;
         while let Some((peer, data)) = inbox.get(index) {
             index += 1;
-            tenant.metrics.datagram_in(data.len());
+            tenant.metrics().datagram_in(data.len());
             if !tenant.admit_message(peer.ip()) {
-                tenant.metrics.dropped(NoReply::RateLimit);
+                tenant.metrics().dropped(NoReply::RateLimit);
                 tracing::debug!(listener = tenant.name(), %peer, "datagram dropped: rate limit");
                 continue;
             }
@@ -162,7 +162,7 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
                 }
             };
             if next == Some(Next::StopListener) {
-                if tenant.config.honor_stop {
+                if tenant.honor_stop() {
                     tracing::info!(listener = tenant.name(), %peer, "plugin stopped the udp listener");
                     // The rest of the batch goes unanswered, as datagrams
                     // still queued on the socket would.
@@ -200,7 +200,7 @@ struct SendFailures {
 
 impl SendFailures {
     fn record(&mut self, tenant: &Tenant, unsent: &super::datagrams::Unsent) {
-        tenant.metrics.dropped(NoReply::Unsent);
+        tenant.metrics().dropped(NoReply::Unsent);
         self.since_warning += 1;
         if self
             .last_warning
@@ -211,7 +211,7 @@ impl SendFailures {
         let error = match unsent.error.kind() {
             std::io::ErrorKind::TimedOut => format!(
                 "the socket stayed full for {}",
-                humantime::format_duration(tenant.traffic().write_timeout)
+                humantime::format_duration(tenant.write_timeout())
             ),
             _ => unsent.error.to_string(),
         };
@@ -236,8 +236,8 @@ async fn flush(
     unsent: &mut SendFailures,
 ) {
     outbox
-        .flush(socket, tenant.traffic().write_timeout, |sent| match sent {
-            Ok(len) => tenant.metrics.datagram_out(len),
+        .flush(socket, tenant.write_timeout(), |sent| match sent {
+            Ok(len) => tenant.metrics().datagram_out(len),
             Err(failed) => unsent.record(tenant, &failed),
         })
         .await;
@@ -268,6 +268,7 @@ async fn handle(
                 peer,
                 data,
                 &tenant.version_label(),
+                NoReply::Failed,
                 "plugin is backing off after repeated failures",
             );
             return None;
@@ -282,6 +283,7 @@ async fn handle(
                     peer,
                     data,
                     &tenant.version_label(),
+                    NoReply::Failed,
                     format!("instantiation failed: {error}"),
                 );
                 return None;
@@ -294,17 +296,23 @@ async fn handle(
             let version = live.version();
             *session = None;
             tenant.record_failure();
-            tenant.metrics.failed(&version, &error);
-            fail(outbox, tenant, peer, data, &version, error);
+            fail(outbox, tenant, peer, data, &version, NoReply::Failed, error);
             return None;
         }
     };
     tenant.record_success();
     if let Some(reply) = decision.reply {
-        if let Err(reason) = tenant.vet_reply(&reply, Some(data.len())) {
+        if let Err(reason) = tenant.vet_reply(live, &reply, Some(data.len())) {
             let version = live.version();
-            tenant.metrics.failure(&version, "reply");
-            fail(outbox, tenant, peer, data, &version, reason);
+            fail(
+                outbox,
+                tenant,
+                peer,
+                data,
+                &version,
+                NoReply::RefusedReply,
+                reason,
+            );
             return None;
         }
         outbox.push(peer, reply);
@@ -312,17 +320,18 @@ async fn handle(
     Some(decision.next)
 }
 
-/// A failed datagram: logged, and answered with its own bytes if the tenant
-/// fails open.
+/// A datagram whose plugin reply is not sent (`why`): counted, logged, and
+/// answered with its own bytes if the tenant fails open.
 fn fail(
     outbox: &mut Outbox,
     tenant: &Tenant,
     peer: SocketAddr,
     data: &[u8],
     version: &str,
+    why: NoReply,
     reason: impl Display,
 ) {
-    tenant.metrics.dropped(NoReply::Failed);
+    tenant.metrics().dropped(why);
     match tenant.failure_reply(data) {
         Some(echo) => {
             if tenant.warnings().admit("datagram failed, echoed") {

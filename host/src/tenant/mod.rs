@@ -1,0 +1,299 @@
+//! A tenant at run time: one listener's configuration turned into what its
+//! sockets need while serving. It is composed of one part per concern, and
+//! this file is all a listener sees of them:
+//!
+//! - [`version`]: which version answers (swapped atomically by a reload),
+//!   with its label and metric series made once per version;
+//! - [`admission`]: what may come in (the rate per peer, the number of
+//!   connections, the backoff after repeated failures);
+//! - [`reply`]: what may go out (max-reply, the UDP amplification bound) and
+//!   what a failed message gets;
+//! - [`session`]: a conversation on one version (an instance per TCP
+//!   connection, one per UDP listener while it behaves);
+//! - [`native`]: handlers in Rust in place of a plugin, for the benchmark.
+//!
+//! Reading sockets is the listeners' business; loading plugins is the
+//! runtime's.
+
+mod admission;
+mod native;
+mod reply;
+mod session;
+mod version;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::config::ListenerConfig;
+use crate::framing::Framing;
+use crate::metrics::{FailureKind, ListenerMetrics};
+use crate::plugin::{CallError, Instance, InstanceSettings, LogBudget, Plugin};
+use crate::warnings::Warnings;
+
+use admission::Admission;
+pub use native::{NativeEcho, NativeHandler};
+use reply::ReplyPolicy;
+pub use session::Session;
+use version::{Code, Handler};
+
+/// One listener's run-time state.
+pub struct Tenant {
+    /// The configuration it was made from, read through the accessors.
+    config: ListenerConfig,
+    /// Its series in `/metrics`.
+    metrics: ListenerMetrics,
+    handler: Handler,
+    admission: Admission,
+    reply: ReplyPolicy,
+    /// The budget of the host's own warnings about this tenant.
+    warnings: Warnings,
+    /// What every instance of this tenant is started with.
+    settings: Arc<InstanceSettings>,
+}
+
+impl fmt::Debug for Tenant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tenant")
+            .field("name", &self.config.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tenant {
+    /// A tenant served by `plugin`.
+    pub fn wasm(config: ListenerConfig, plugin: Arc<Plugin>) -> Self {
+        let metrics = ListenerMetrics::new(&config.name);
+        let handler = Handler::wasm(plugin, &metrics);
+        Self::new(config, metrics, handler)
+    }
+
+    /// A tenant served by native code (for benchmarks).
+    pub fn native(config: ListenerConfig, native: Arc<dyn NativeHandler>) -> Self {
+        let metrics = ListenerMetrics::new(&config.name);
+        let handler = Handler::native(native, &metrics);
+        Self::new(config, metrics, handler)
+    }
+
+    fn new(config: ListenerConfig, metrics: ListenerMetrics, handler: Handler) -> Self {
+        let tenant: Arc<str> = config.name.as_str().into();
+        let settings = Arc::new(InstanceSettings {
+            log_budget: LogBudget::new(
+                tenant.clone(),
+                config.traffic.log_lines_per_second,
+                config.traffic.log_bytes_per_second,
+            ),
+            tenant,
+            config: config.plugin_config.clone(),
+            limits: config.limits.clone(),
+        });
+        Self {
+            metrics,
+            warnings: Warnings::new(&config.name),
+            handler,
+            settings,
+            admission: Admission::new(&config.traffic),
+            reply: ReplyPolicy::new(&config.traffic, config.on_failure),
+            config,
+        }
+    }
+
+    // What the listener is.
+
+    /// The tenant's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The addresses it was asked to serve, UDP first.
+    pub fn sockets(&self) -> impl Iterator<Item = (crate::config::Protocol, SocketAddr)> + use<> {
+        self.config.sockets()
+    }
+
+    /// How long a reply's write may make no progress before the peer is
+    /// dropped (a TCP connection reset, a UDP reply given up).
+    pub fn write_timeout(&self) -> std::time::Duration {
+        self.config.traffic.write_timeout
+    }
+
+    /// The UDP address it was asked to serve, if any.
+    pub fn udp_addr(&self) -> Option<SocketAddr> {
+        self.config.udp
+    }
+
+    /// The TCP address it was asked to serve, if any.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.config.tcp
+    }
+
+    /// How its TCP stream is cut into messages.
+    pub fn framing(&self) -> Framing {
+        self.config.framing
+    }
+
+    /// The longest TCP message it accepts.
+    pub fn max_message(&self) -> usize {
+        self.config.max_message
+    }
+
+    /// Whether a plugin's `stop-listener` stops it.
+    pub fn honor_stop(&self) -> bool {
+        self.config.honor_stop
+    }
+
+    /// How long a TCP connection may stay silent.
+    pub fn idle_timeout(&self) -> Duration {
+        self.config.traffic.idle_timeout
+    }
+
+    /// How many TCP connections it serves at once.
+    pub fn max_connections(&self) -> usize {
+        self.config.traffic.max_connections
+    }
+
+    /// Its series in `/metrics`, for the listener to count what it does.
+    pub fn metrics(&self) -> &ListenerMetrics {
+        &self.metrics
+    }
+
+    /// The budget every warning the host logs about this tenant's traffic
+    /// goes through: a peer must not decide how much the host writes.
+    pub fn warnings(&self) -> &Warnings {
+        &self.warnings
+    }
+
+    // Which version answers.
+
+    /// The plugin version new sessions get, if the tenant runs a plugin.
+    pub fn current(&self) -> Option<Arc<Plugin>> {
+        self.handler.current_plugin()
+    }
+
+    /// The current version's label for logs: `name@digest`, or `native`.
+    pub fn version_label(&self) -> Arc<str> {
+        self.handler.current().label().clone()
+    }
+
+    /// Makes `plugin` the version every new session gets, and returns the
+    /// one it replaces. Sessions already open keep theirs.
+    pub fn swap(&self, plugin: Arc<Plugin>) -> Option<Arc<Plugin>> {
+        self.handler.swap(plugin, &self.metrics)
+    }
+
+    /// Whether `session` runs the current version (the UDP listener's
+    /// long-lived session is replaced once a reload has swapped it).
+    pub fn is_current(&self, session: &Session) -> bool {
+        self.handler.is_current(session.version_of())
+    }
+
+    /// Starts one instance of `plugin` with this tenant's settings and drops
+    /// it: a reload's last check before the swap.
+    ///
+    /// # Errors
+    ///
+    /// A [`CallError`] if the instance fails to start.
+    pub async fn try_start(&self, plugin: &Arc<Plugin>) -> Result<(), CallError> {
+        Instance::new(plugin, self.settings.clone()).await.map(drop)
+    }
+
+    /// A session on the current version: a fresh instance for a plugin. A
+    /// failure to start is counted in the version's series.
+    ///
+    /// # Errors
+    ///
+    /// A [`CallError`] if the instance fails to start.
+    pub async fn session(&self) -> Result<Session, CallError> {
+        let version = self.handler.current();
+        match version.code() {
+            Code::Wasm(plugin) => {
+                let started = Instant::now();
+                match Instance::new(plugin, self.settings.clone()).await {
+                    Ok(instance) => {
+                        version.series().instantiated(started.elapsed());
+                        Ok(Session::wasm(version, instance))
+                    }
+                    Err(error) => {
+                        version.series().failed(FailureKind::from(&error));
+                        Err(error)
+                    }
+                }
+            }
+            Code::Native(native) => {
+                let native = native.clone();
+                Ok(Session::native(version, native))
+            }
+        }
+    }
+
+    // What may come in.
+
+    /// Whether a message from `ip` is within the rate limit now (UDP: the
+    /// datagram is dropped otherwise).
+    pub fn admit_message(&self, ip: IpAddr) -> bool {
+        self.admission.admit_message(ip)
+    }
+
+    /// Waits until a message from `ip` is within the rate limit (TCP: the
+    /// connection is simply read more slowly).
+    pub async fn pace(&self, ip: IpAddr) {
+        self.admission.pace(ip).await;
+    }
+
+    /// Forgets peers that have been quiet, so the limiter's memory does not
+    /// grow with every address ever seen. Call now and then.
+    pub fn forget_quiet_peers(&self) {
+        self.admission.forget_quiet_peers();
+    }
+
+    /// A slot for one more connection, or `None` when the tenant is full.
+    pub fn admit_connection(&self) -> Option<OwnedSemaphorePermit> {
+        self.admission.admit_connection()
+    }
+
+    /// Whether a new instance may be made now, after failures.
+    pub fn may_instantiate(&self) -> bool {
+        self.admission.may_instantiate()
+    }
+
+    /// Notes a failed call; repeated failures delay the next instance.
+    pub fn record_failure(&self) {
+        self.admission.record_failure();
+    }
+
+    /// Notes a successful call.
+    pub fn record_success(&self) {
+        self.admission.record_success();
+    }
+
+    // What may go out.
+
+    /// Checks a reply from `session` against the tenant's bounds;
+    /// `udp_request` is the request's size for a datagram's reply. A refusal
+    /// is counted as a `reply` failure of the session's version; the drop is
+    /// the listener's to count.
+    ///
+    /// # Errors
+    ///
+    /// The reason a reply is refused, for the log.
+    pub fn vet_reply(
+        &self,
+        session: &Session,
+        reply: &[u8],
+        udp_request: Option<usize>,
+    ) -> Result<(), String> {
+        let vetted = self.reply.vet(reply, udp_request);
+        if vetted.is_err() {
+            session.version_of().series().failed(FailureKind::Reply);
+        }
+        vetted
+    }
+
+    /// What a failed message gets: `Some(request)` to send back when the
+    /// tenant fails open.
+    pub fn failure_reply<'a>(&self, request: &'a [u8]) -> Option<&'a [u8]> {
+        self.reply.failure_reply(request)
+    }
+}

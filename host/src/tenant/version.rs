@@ -1,0 +1,137 @@
+//! Which version answers: the tenant's current plugin version (or native
+//! code), swapped atomically by a reload. A [`Version`] is made once, when
+//! it is swapped in, with everything a session on it needs ready: its
+//! `name@digest` label and its metric series. Sessions share it, so a new
+//! connection formats nothing and looks nothing up; when the last of them
+//! (or the tenant) lets go of a replaced version, its series leave
+//! `/metrics` with it.
+//!
+//! Compiling and checking a new version is the reload's business; running
+//! one is the session's.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::native::NativeHandler;
+use crate::metrics::{ListenerMetrics, VersionSeries};
+use crate::plugin::Plugin;
+
+/// The code of a version.
+pub enum Code {
+    /// A compiled plugin.
+    Wasm(Arc<Plugin>),
+    /// Native code, for benchmarks.
+    Native(Arc<dyn NativeHandler>),
+}
+
+/// One version as a tenant serves it.
+pub struct Version {
+    code: Code,
+    /// `name@digest`, or `native`, for logs.
+    label: Arc<str>,
+    /// Its series in `/metrics`, retired with it.
+    series: VersionSeries,
+}
+
+impl Version {
+    /// The version running `plugin`, current from now on.
+    fn wasm(plugin: Arc<Plugin>, metrics: &ListenerMetrics) -> Self {
+        let label: Arc<str> = plugin.version().into();
+        let series = metrics.version(&label, Some((plugin.name(), plugin.digest())));
+        series.set_current(true);
+        Self {
+            code: Code::Wasm(plugin),
+            label,
+            series,
+        }
+    }
+
+    /// The version running native code.
+    fn native(handler: Arc<dyn NativeHandler>, metrics: &ListenerMetrics) -> Self {
+        let label: Arc<str> = "native".into();
+        let series = metrics.version(&label, None);
+        series.set_current(true);
+        Self {
+            code: Code::Native(handler),
+            label,
+            series,
+        }
+    }
+
+    /// What runs.
+    pub fn code(&self) -> &Code {
+        &self.code
+    }
+
+    /// `name@digest`, or `native`.
+    pub fn label(&self) -> &Arc<str> {
+        &self.label
+    }
+
+    /// Its series.
+    pub fn series(&self) -> &VersionSeries {
+        &self.series
+    }
+}
+
+/// What answers a tenant's messages.
+pub enum Handler {
+    /// The current version of a plugin; reloads swap it.
+    Wasm(ArcSwap<Version>),
+    /// Native code, for benchmarks: never swapped.
+    Native(Arc<Version>),
+}
+
+impl Handler {
+    /// A handler serving `plugin`.
+    pub fn wasm(plugin: Arc<Plugin>, metrics: &ListenerMetrics) -> Self {
+        Self::Wasm(ArcSwap::from_pointee(Version::wasm(plugin, metrics)))
+    }
+
+    /// A handler running `native`.
+    pub fn native(native: Arc<dyn NativeHandler>, metrics: &ListenerMetrics) -> Self {
+        Self::Native(Arc::new(Version::native(native, metrics)))
+    }
+
+    /// The version new sessions get.
+    pub fn current(&self) -> Arc<Version> {
+        match self {
+            Self::Wasm(current) => current.load_full(),
+            Self::Native(version) => version.clone(),
+        }
+    }
+
+    /// The current plugin, if the handler runs one.
+    pub fn current_plugin(&self) -> Option<Arc<Plugin>> {
+        match self {
+            Self::Wasm(current) => match &current.load().code {
+                Code::Wasm(plugin) => Some(plugin.clone()),
+                Code::Native(_) => None,
+            },
+            Self::Native(_) => None,
+        }
+    }
+
+    /// Whether `version` is the current one.
+    pub fn is_current(&self, version: &Arc<Version>) -> bool {
+        match self {
+            Self::Wasm(current) => Arc::ptr_eq(&current.load(), version),
+            Self::Native(current) => Arc::ptr_eq(current, version),
+        }
+    }
+
+    /// Makes `plugin` the version every new session gets, and returns the
+    /// plugin it replaces. Sessions already open keep theirs.
+    pub fn swap(&self, plugin: Arc<Plugin>, metrics: &ListenerMetrics) -> Option<Arc<Plugin>> {
+        let Self::Wasm(current) = self else {
+            return None;
+        };
+        let previous = current.swap(Arc::new(Version::wasm(plugin, metrics)));
+        previous.series.set_current(false);
+        match &previous.code {
+            Code::Wasm(plugin) => Some(plugin.clone()),
+            Code::Native(_) => None,
+        }
+    }
+}
