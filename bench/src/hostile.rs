@@ -109,11 +109,21 @@ pub struct Figures {
     pub phases: Vec<Phase>,
 }
 
+/// The tenant whose peers never read: `echo`, which answers everything
+/// they send, with a short write timeout.
+const DEAF: &str = "deaf-peer";
+/// How long the deaf peers' tenant lets a reply's write make no progress.
+const DEAF_WRITE_TIMEOUT: &str = "500ms";
+/// What a deaf peer sends per connection at most: far more than the
+/// kernel's buffers hold, so the server's reply is stuck until it gives up.
+const DEAF_SENDS: usize = 32 << 20;
+
 fn config_toml() -> String {
     // 100 connections a tenant keep the instance pool small; the clients
     // here never hold more than three at once.
     format!(
-        "grace = \"100ms\"\n\n{}",
+        "grace = \"100ms\"\n\n{}[listeners.{DEAF}]\nplugin = \"echo\"\nudp = \"127.0.0.1:0\"\n\
+         tcp = \"127.0.0.1:0\"\nmax-connections = 100\nwrite-timeout = \"{DEAF_WRITE_TIMEOUT}\"\n",
         hostile_config("max-connections = 100\n")
     )
 }
@@ -215,6 +225,7 @@ pub fn measure(clients: &tokio::runtime::Runtime, sizes: Sizes) -> anyhow::Resul
         let mut phases = Vec::new();
         let neighbours = std::iter::once(None)
             .chain(HOSTILE.iter().map(|scenario| Some(scenario.behaviour)))
+            .chain(std::iter::once(Some(DEAF)))
             .chain(std::iter::once(None));
         for neighbour in neighbours {
             eprintln!(
@@ -229,7 +240,11 @@ pub fn measure(clients: &tokio::runtime::Runtime, sizes: Sizes) -> anyhow::Resul
                 let cap = WARMUP + sizes.run * 4 + Duration::from_secs(5);
                 for _ in 0..HAMMERS {
                     let stop = stop.clone();
-                    tasks.push(hammers.spawn(hammer(hostile_udp, hostile_tcp, stop, cap)));
+                    tasks.push(if behaviour == DEAF {
+                        hammers.spawn(deaf(hostile_tcp, stop, cap))
+                    } else {
+                        hammers.spawn(hammer(hostile_udp, hostile_tcp, stop, cap))
+                    });
                 }
                 std::thread::sleep(WARMUP);
             }
@@ -346,6 +361,41 @@ async fn hammer(
             && matches!(timeout(HAMMER_WAIT, stream.read(&mut buf)).await, Ok(Ok(n)) if n > 0)
         {
             done.connections_answered += 1;
+        }
+    }
+    done.elapsed = start.elapsed();
+    Ok(done)
+}
+
+/// One peer that never reads: connects, sends echo more than the kernel
+/// can buffer, reads nothing, and connects again once the server has given
+/// up on it (the connection is reset), until `stop` or `cap`. Counted as
+/// connections; "answered" counts the ones the server reset.
+async fn deaf(tcp: SocketAddr, stop: Arc<AtomicBool>, cap: Duration) -> anyhow::Result<Hammered> {
+    let chunk = vec![b'd'; 64 << 10];
+    let mut done = Hammered::default();
+    let start = Instant::now();
+    for _ in 0..HAMMER_COUNT {
+        if stop.load(Ordering::Relaxed) || start.elapsed() >= cap {
+            break;
+        }
+        done.connections += 1;
+        let Ok(Ok(mut stream)) = timeout(HAMMER_WAIT, TcpStream::connect(tcp)).await else {
+            done.connections_failed += 1;
+            continue;
+        };
+        let mut sent = 0;
+        while sent < DEAF_SENDS && !stop.load(Ordering::Relaxed) && start.elapsed() < cap {
+            // A write that waits is the server not reading either: its
+            // reply is stuck behind ours. Keep trying until it resets us.
+            match timeout(HAMMER_WAIT, stream.write_all(&chunk)).await {
+                Ok(Ok(())) => sent += chunk.len(),
+                Ok(Err(_)) => {
+                    done.connections_answered += 1;
+                    break;
+                }
+                Err(_) => {}
+            }
         }
     }
     done.elapsed = start.elapsed();
@@ -473,4 +523,11 @@ pub fn print(figures: &Figures) {
             (hammer.datagrams + hammer.connections) as f64 / hammer.elapsed.as_secs_f64().max(1e-9)
         );
     }
+    println!();
+    println!(
+        "`{DEAF}`: its clients send an `echo` tenant up to {} MiB a connection and never read \
+         a byte; its \"answered\" column counts the connections the server reset after its \
+         `write-timeout` ({DEAF_WRITE_TIMEOUT}) of no progress.",
+        DEAF_SENDS >> 20
+    );
 }
