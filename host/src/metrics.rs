@@ -23,6 +23,7 @@
 //! | `wasm_echo_instances` | listener, version |
 //! | `wasm_echo_plugin_info` (1 for the current version, 0 for replaced ones still running) | listener, version, plugin, digest |
 //! | `wasm_echo_log_lines_dropped_total` (host log lines lost because stderr was stalled) | |
+//! | `wasm_echo_warnings_suppressed_total` (host warnings about a tenant held back by its budget, see [`crate::warnings`]) | listener |
 //! | `wasm_echo_listener_plugin_failures_total` | listener, kind |
 //! | `wasm_echo_listener_plugin_call_seconds`, `wasm_echo_listener_instantiation_seconds` (histograms) | listener |
 //!
