@@ -261,7 +261,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 say(crate::status::status(&args.addr, args.interval).await?)?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::New(args) => crate::scaffold::run(args.lang, &args.name, args.dir.as_deref()),
+            Command::New(args) => new(args.lang, &args.name, args.dir.as_deref()),
         }
     });
     // Dropping the runtime would wait for every task and blocking thread;
@@ -413,6 +413,24 @@ async fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `wasm-echo new`: creates the project and says what to do next.
+fn new(
+    lang: crate::scaffold::Language,
+    name: &str,
+    dir: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let dir = crate::scaffold::create(lang, name, dir)?;
+    let shown = dir.display();
+    say(format_args!(
+        "created the {lang} plugin `{name}` in {shown}\n\
+         next:\n  \
+         cd {shown} && ./build.sh             # writes {name}.wasm\n  \
+         wasm-echo check {name}.wasm\n  \
+         wasm-echo serve --plugin {name}.wasm\n"
+    ))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {

@@ -10,7 +10,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use anyhow::Context as _;
 
@@ -208,24 +207,6 @@ fn make_executable(path: &Path) -> anyhow::Result<()> {
 #[cfg(not(unix))]
 fn make_executable(_path: &Path) -> anyhow::Result<()> {
     Ok(())
-}
-
-/// `wasm-echo new`: creates the project and says what to do next.
-///
-/// # Errors
-///
-/// As [`create`].
-pub fn run(lang: Language, name: &str, dir: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let dir = create(lang, name, dir)?;
-    let shown = dir.display();
-    crate::cli::say(format_args!(
-        "created the {lang} plugin `{name}` in {shown}\n\
-         next:\n  \
-         cd {shown} && ./build.sh             # writes {name}.wasm\n  \
-         wasm-echo check {name}.wasm\n  \
-         wasm-echo serve --plugin {name}.wasm\n"
-    ))?;
-    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
