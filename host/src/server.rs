@@ -389,11 +389,18 @@ mod tests {
     use crate::config::{Origin, RawConfig, RawListener};
 
     fn echo_on_loopback() -> ServerConfig {
+        tcp_echo(RawListener {
+            udp: Some(([127, 0, 0, 1], 0).into()),
+            ..RawListener::default()
+        })
+    }
+
+    /// `echo` on a TCP port of 127.0.0.1, with `listener`'s other settings.
+    fn tcp_echo(listener: RawListener) -> ServerConfig {
         let listener = RawListener {
             plugin: "echo".to_owned(),
-            udp: Some(([127, 0, 0, 1], 0).into()),
             tcp: Some(([127, 0, 0, 1], 0).into()),
-            ..RawListener::default()
+            ..listener
         };
         RawConfig {
             listeners: [("main".to_owned(), listener)].into(),
@@ -401,6 +408,91 @@ mod tests {
         }
         .resolve(Origin::Flags)
         .expect("a valid configuration")
+    }
+
+    fn tcp_addr(server: &Server) -> SocketAddr {
+        server
+            .local_addrs()
+            .into_iter()
+            .find(|(_, protocol, _)| *protocol == Protocol::Tcp)
+            .map(|(_, _, addr)| addr)
+            .expect("a TCP socket")
+    }
+
+    /// Echoes one message over a fresh connection to `addr`.
+    async fn connect_and_echo(addr: SocketAddr) -> tokio::net::TcpStream {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(b"hi").await.expect("send");
+        let mut reply = [0u8; 2];
+        stream.read_exact(&mut reply).await.expect("echo");
+        assert_eq!(&reply, b"hi");
+        stream
+    }
+
+    /// In tokio's paused time: a connection that stays quiet is closed at
+    /// its idle timeout (an hour, passed in no time at all), not before.
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_connection_is_closed_at_its_idle_timeout() {
+        use tokio::io::AsyncReadExt;
+        let idle = Duration::from_secs(3600);
+        let server = Server::bind(
+            tcp_echo(RawListener {
+                idle_timeout: Some(idle),
+                ..RawListener::default()
+            }),
+            Operations::default(),
+        )
+        .await
+        .expect("binds");
+        let addr = tcp_addr(&server);
+        tokio::spawn(server.run(std::future::pending()));
+        let mut stream = connect_and_echo(addr).await;
+        let quiet_since = tokio::time::Instant::now();
+        let mut rest = Vec::new();
+        stream
+            .read_to_end(&mut rest)
+            .await
+            .expect("closed, not reset");
+        assert!(rest.is_empty());
+        let waited = quiet_since.elapsed();
+        assert!(
+            waited >= idle && waited < idle + Duration::from_secs(60),
+            "closed after {waited:?} of quiet, idle-timeout {idle:?}"
+        );
+    }
+
+    /// In tokio's paused time: after shutdown, an open connection may go on
+    /// for the grace period and is closed when it is over.
+    #[tokio::test(start_paused = true)]
+    async fn open_connections_get_the_grace_period_then_are_closed() {
+        use tokio::io::AsyncReadExt;
+        let grace = Duration::from_secs(600);
+        // Longer than the grace, or the idle timeout would close it first.
+        let mut config = tcp_echo(RawListener {
+            idle_timeout: Some(Duration::from_secs(7200)),
+            ..RawListener::default()
+        });
+        config.grace = grace;
+        let server = Server::bind(config, Operations::default())
+            .await
+            .expect("binds");
+        let addr = tcp_addr(&server);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        let mut stream = connect_and_echo(addr).await;
+        stop.send(()).expect("running");
+        let shutdown_at = tokio::time::Instant::now();
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.expect("closed");
+        let waited = shutdown_at.elapsed();
+        assert!(
+            waited >= grace && waited < grace + Duration::from_secs(60),
+            "closed {waited:?} after shutdown, grace {grace:?}"
+        );
+        running.await.expect("no panic").expect("no error");
     }
 
     /// The library entry point serves in process, and `run` returns once
