@@ -171,7 +171,33 @@ enum End {
     Protocol(FrameError),
     /// A plugin call failed (or its reply broke a limit); the connection is
     /// closed without `on-close`.
-    Failed(String),
+    Failed(Failure),
+}
+
+/// Why a plugin ended its connection by failing, with the cause kept.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// A call into the instance failed.
+    #[error("{version}: {error}")]
+    Call {
+        /// The version that failed.
+        version: Arc<str>,
+        /// How.
+        #[source]
+        error: CallError,
+    },
+    /// The fresh instance that was to take over (failing open) did not
+    /// start.
+    #[error("instantiation failed: {0}")]
+    Start(#[source] CallError),
+    /// The reply broke `max-reply`.
+    #[error("{version}: {reason}")]
+    Refused {
+        /// The version that answered.
+        version: Arc<str>,
+        /// What the reply policy said.
+        reason: String,
+    },
 }
 
 impl ConnectionTask {
@@ -276,7 +302,7 @@ impl ConnectionTask {
             Ok(decision) => decision,
             Err(error) => {
                 let version = session.version();
-                return End::Failed(format!("{version}: {error}"));
+                return End::Failed(Failure::Call { version, error });
             }
         };
         if let Some(end) = self.carry_out(session, decision, None).await {
@@ -351,7 +377,7 @@ impl ConnectionTask {
         };
         match called {
             Ok(decision) => self.carry_out(session, decision, Some(&message)).await,
-            Err(error) => self.fail(session, &message, &error).await,
+            Err(error) => self.fail(session, &message, error).await,
         }
     }
 
@@ -361,26 +387,28 @@ impl ConnectionTask {
         &mut self,
         session: &mut Session,
         message: &[u8],
-        error: &CallError,
+        error: CallError,
     ) -> Option<End> {
         self.tenant.record_failure();
         self.tenant.metrics().dropped(NoReply::Failed);
         let version = session.version();
-        let version = &*version;
-        let reason = format!("{version}: {error}");
+        let failure = Failure::Call {
+            version: version.clone(),
+            error,
+        };
         let Some(echo) = self.tenant.failure_reply(message) else {
-            return Some(End::Failed(reason));
+            return Some(End::Failed(failure));
         };
         if self.tenant.warnings().admit("message failed, echoed") {
             tracing::warn!(listener = self.tenant.name(),
-                version, peer = %self.peer, "message failed, echoed (fail-open): {reason}");
+                version = &*version, peer = %self.peer, "message failed, echoed (fail-open): {failure}");
         }
         if let Some(end) = self.send(echo).await {
             return Some(end);
         }
         match self.tenant.session().await {
             Ok(fresh) => *session = fresh,
-            Err(error) => return Some(End::Failed(format!("instantiation failed: {error}"))),
+            Err(error) => return Some(End::Failed(Failure::Start(error))),
         }
         None
     }
@@ -396,10 +424,9 @@ impl ConnectionTask {
             if let Err(reason) = self.tenant.vet_reply(session, &reply, None) {
                 self.tenant.metrics().dropped(NoReply::RefusedReply);
                 let version = session.version();
-                let reason = format!("{version}: {reason}");
                 return match request.and_then(|request| self.tenant.failure_reply(request)) {
                     Some(echo) => self.send(echo).await,
-                    None => Some(End::Failed(reason)),
+                    None => Some(End::Failed(Failure::Refused { version, reason })),
                 };
             }
             if let Some(end) = self.send(&reply).await {
