@@ -1,7 +1,7 @@
 //! Starting the real server and talking to it.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
@@ -349,11 +349,37 @@ pub fn udp_expect_silence(socket: &UdpSocket, wait: Duration) {
     socket
         .set_read_timeout(Some(PATIENCE))
         .expect("read timeout");
-    if let Ok(len) = got {
-        panic!(
+    match got {
+        Ok(len) => panic!(
             "expected no reply, got {:?}",
             String::from_utf8_lossy(&buf[..len])
-        );
+        ),
+        // Silence is the wait running out, nothing else: an ICMP error
+        // (connection refused) means the server's socket is gone.
+        Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        Err(error) => panic!("expected silence, got an error: {error}"),
+    }
+}
+
+/// Waits (up to [`PATIENCE`]) for the server to close `stream`, and fails
+/// if it does not: a read that times out is a connection left open.
+pub fn expect_closed_by_server(stream: &mut TcpStream) {
+    stream
+        .set_read_timeout(Some(PATIENCE))
+        .expect("read timeout");
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => {}
+        Ok(len) => panic!(
+            "expected the server to close the connection, got {:?}",
+            String::from_utf8_lossy(&buf[..len])
+        ),
+        Err(error)
+            if matches!(
+                error.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+            ) => {}
+        Err(error) => panic!("the server did not close the connection: {error}"),
     }
 }
 
