@@ -3,7 +3,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::{
-    PATIENCE, Server, run, tcp_ask, tcp_client, tcp_read_to_end, udp_ask, udp_client,
+    PATIENCE, Server, run, send_signal, tcp_ask, tcp_client, tcp_read_to_end, udp_ask, udp_client,
     udp_expect_silence,
 };
 
@@ -148,11 +148,7 @@ fn sigterm_lets_open_connections_finish_then_exits_0() {
     let mut server = Server::start("hello", &["--grace", "10s"]);
     let mut stream = tcp_client(server.tcp());
     assert_eq!(tcp_ask(&mut stream, b"one", 18), b"hello, tcp client!");
-    let killed = Command::new("kill")
-        .args(["-TERM", &server.pid().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(killed.success());
+    send_signal(server.pid(), "TERM");
     server.wait_for_log("shutting down");
     // The open exchange goes on during the grace period...
     assert_eq!(tcp_ask(&mut stream, b"two", 18), b"hello, tcp client!");
@@ -175,10 +171,7 @@ fn grace_period_ends_lingering_connections() {
     let mut server = Server::start("hello", &["--grace", "200ms"]);
     let mut stream = tcp_client(server.tcp());
     assert_eq!(tcp_ask(&mut stream, b"one", 18), b"hello, tcp client!");
-    Command::new("kill")
-        .args(["-TERM", &server.pid().to_string()])
-        .status()
-        .expect("kill runs");
+    send_signal(server.pid(), "TERM");
     // The client never closes; the server closes it after the grace period.
     assert!(tcp_read_to_end(&mut stream).is_empty());
     assert!(server.wait_exit().success());

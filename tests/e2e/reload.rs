@@ -6,7 +6,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    PATIENCE, Server, plugins, run, scratch_file, tcp_ask, tcp_client, udp_ask, udp_client,
+    PATIENCE, Server, plugins, run, scratch_file, send_signal, tcp_ask, tcp_client, udp_ask,
+    udp_client,
 };
 
 const GREETING_UDP: &[u8] = b"Hello, client!";
@@ -259,11 +260,7 @@ fn sighup_reloads_every_plugin_from_disk() {
     let socket = udp_client(server.udp());
     assert_eq!(udp_ask(&socket, b"hi"), b"hi");
     std::fs::copy(plugins::HELLO, &file).expect("replace the plugin");
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &server.pid().to_string()])
-        .status()
-        .expect("kill");
-    assert!(hup.success());
+    send_signal(server.pid(), "HUP");
     server.wait_for_log("-> plugin@");
     assert_eq!(udp_ask(&socket, b"hi"), GREETING_UDP);
 }

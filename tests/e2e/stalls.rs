@@ -9,22 +9,15 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::common::{BIN, PATIENCE, Server, plugins, scratch_file, tcp_ask, tcp_client};
+use crate::common::{
+    BIN, PATIENCE, Server, plugins, scratch_file, send_signal, tcp_ask, tcp_client,
+};
 use crate::metrics::{expect, scrape, value};
 
 /// How long a server may take to exit after SIGTERM in these tests: the
 /// grace period (none of them keeps a connection open), the exit's bounded
 /// waits, and room for a busy machine. Today's bugs never exit at all.
 const EXIT_WITHIN: Duration = Duration::from_secs(15);
-
-/// Sends `signal` (e.g. `TERM`) to `pid`.
-fn kill(signal: &str, pid: u32) {
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill -{signal} {pid} failed");
-}
 
 /// Waits up to [`EXIT_WITHIN`] for `child` to exit; kills it and fails the
 /// test if it does not.
@@ -344,7 +337,7 @@ fn sigterm_stops_a_server_whose_log_pipe_was_closed() {
             "no reply once the log pipe was closed"
         );
     }
-    kill("TERM", server.child.id());
+    send_signal(server.child.id(), "TERM");
     let status = exits_in_time(&mut server.child, "closed log pipe");
     assert!(status.success(), "exit status {status:?}");
 }
@@ -392,7 +385,7 @@ fn a_stalled_log_reader_holds_up_neither_replies_nor_sigterm() {
             "no reply while the log is stalled"
         );
     }
-    kill("TERM", server.child.id());
+    send_signal(server.child.id(), "TERM");
     let status = exits_in_time(&mut server.child, "stalled log pipe");
     assert!(status.success(), "exit status {status:?}");
 }
@@ -404,9 +397,9 @@ fn a_second_sigterm_ends_the_grace_period() {
     let mut server = Server::start("echo", &["--grace", "10m"]);
     let mut lingering = tcp_client(server.tcp());
     assert_eq!(tcp_ask(&mut lingering, b"hi", 2), b"hi");
-    kill("TERM", server.pid());
+    send_signal(server.pid(), "TERM");
     server.wait_for_log("1 connection(s) have 10m to finish");
-    kill("TERM", server.pid());
+    send_signal(server.pid(), "TERM");
     let deadline = Instant::now() + EXIT_WITHIN;
     while server.is_running() {
         assert!(
