@@ -477,13 +477,7 @@ async fn wait_for_signal(interrupt: &mut Signal, terminate: &mut Signal) {
 pub fn report(error: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in error.chain() {
-        let cause = cause.to_string();
-        let cause = cause
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let cause = crate::plugin::fold_lines(&cause.to_string());
         if cause.is_empty() || text.contains(&cause) {
             continue;
         }

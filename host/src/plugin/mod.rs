@@ -26,7 +26,7 @@ pub use bindings::{Connection, Decision, Endpoint, Framing, Next};
 pub use host::{InstanceSettings, PluginConfig};
 pub use instance::{CallError, Instance, endpoint};
 pub use limits::Limits;
-pub use output::LogBudget;
+pub use output::{LogBudget, fold_lines};
 pub use runtime::{PoolSize, Runtime};
 
 /// The plugins compiled into this binary, by name.

@@ -38,6 +38,16 @@ use super::host::InstanceSettings;
 /// that one call cannot make the host write much.
 pub const MAX_LINE: usize = 4096;
 
+/// `text` with its lines trimmed and joined by spaces, blank ones dropped:
+/// a multi-line error (a guest's backtrace) as one log or CLI line.
+pub fn fold_lines(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// `text` as the host may log it: escaped ([`escape_char`]) and at most
 /// [`MAX_LINE`] bytes, followed by `… [truncated, N bytes in all]` when it
 /// was cut. Text that needs neither is borrowed, not copied.

@@ -24,7 +24,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::host::{self, HostState};
-use super::output::escape;
+use super::output::{escape, fold_lines};
 use super::{Limits, LoadError, Plugin, PluginSource, REQUIRED_EXPORTS, bindings};
 
 /// How often the epoch advances: the granularity of deadlines, and how
@@ -318,12 +318,5 @@ impl Runtime {
 /// what the plugin named (its functions in a backtrace, its imports in a
 /// link error), so it is [escaped](escape) and bounded as plugin text is.
 pub(super) fn one_line(error: &wasmtime::Error) -> String {
-    let text = format!("{error:#}");
-    let joined = text
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ");
-    escape(&joined).into_owned()
+    escape(&fold_lines(&format!("{error:#}"))).into_owned()
 }
