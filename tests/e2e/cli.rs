@@ -1,26 +1,7 @@
 use std::net::{TcpListener, UdpSocket};
 use std::process::Output;
 
-use crate::common::{plugins, run, scratch_file};
-
-/// Asserts a failure with exactly one line on stderr containing each of
-/// `needles`, and no panic.
-fn assert_one_line_error(output: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !output.status.success(),
-        "expected failure; stderr: {stderr}"
-    );
-    assert_eq!(
-        stderr.trim().lines().count(),
-        1,
-        "one line of error, got:\n{stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    for needle in needles {
-        assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
-    }
-}
+use crate::common::{one_line_error, plugins, run, scratch_file};
 
 fn serve_with(plugin: &str) -> Output {
     run(&["serve", "--plugin", plugin, "--udp", "127.0.0.1:0"])
@@ -29,7 +10,7 @@ fn serve_with(plugin: &str) -> Output {
 #[test]
 fn a_missing_file_is_named() {
     let output = serve_with("/nonexistent/plugin.wasm");
-    assert_one_line_error(
+    one_line_error(
         &output,
         &["cannot read /nonexistent/plugin.wasm", "No such file"],
     );
@@ -38,7 +19,7 @@ fn a_missing_file_is_named() {
 #[test]
 fn an_unknown_builtin_lists_the_builtins() {
     let output = serve_with("helo");
-    assert_one_line_error(
+    one_line_error(
         &output,
         &["no built-in plugin named `helo`", "hello, echo, counter"],
     );
@@ -48,7 +29,7 @@ fn an_unknown_builtin_lists_the_builtins() {
 fn a_file_that_is_not_wasm_is_refused() {
     let path = scratch_file("notes.wasm", b"these are not the bytes you are looking for");
     let output = serve_with(path.to_str().expect("utf-8 path"));
-    assert_one_line_error(&output, &["is not a WebAssembly component"]);
+    one_line_error(&output, &["is not a WebAssembly component"]);
 }
 
 #[test]
@@ -56,7 +37,7 @@ fn a_core_module_is_told_to_become_a_component() {
     // The smallest valid core module: the header and nothing else.
     let path = scratch_file("core.wasm", b"\0asm\x01\0\0\0");
     let output = serve_with(path.to_str().expect("utf-8 path"));
-    assert_one_line_error(
+    one_line_error(
         &output,
         &[
             "is a core WebAssembly module, not a component",
@@ -70,7 +51,7 @@ fn a_component_for_another_world_names_the_missing_export() {
     // The smallest valid component: it exports nothing.
     let path = scratch_file("empty.wasm", b"\0asm\x0d\0\x01\0");
     let output = serve_with(path.to_str().expect("utf-8 path"));
-    assert_one_line_error(
+    one_line_error(
         &output,
         &[
             "does not implement the wasm-echo:plugin world",
@@ -78,7 +59,7 @@ fn a_component_for_another_world_names_the_missing_export() {
         ],
     );
     let output = run(&["check", path.to_str().expect("utf-8 path")]);
-    assert_one_line_error(&output, &["wasm-echo:plugin/udp@0.1.0"]);
+    one_line_error(&output, &["wasm-echo:plugin/udp@0.1.0"]);
 }
 
 #[test]
@@ -86,7 +67,7 @@ fn a_port_in_use_says_so() {
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
     let output = run(&["serve", "--tcp", &addr]);
-    assert_one_line_error(
+    one_line_error(
         &output,
         &[&format!("cannot listen on tcp {addr}"), "in use", "--tcp"],
     );
@@ -94,7 +75,7 @@ fn a_port_in_use_says_so() {
     let taken = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
     let output = run(&["serve", "--udp", &addr]);
-    assert_one_line_error(&output, &[&format!("cannot listen on udp {addr}"), "--udp"]);
+    one_line_error(&output, &[&format!("cannot listen on udp {addr}"), "--udp"]);
 }
 
 #[test]
@@ -145,13 +126,13 @@ fn the_client_says_when_nothing_answers() {
         .expect("addr")
         .to_string();
     let output = run(&["client", "tcp", &addr]);
-    assert_one_line_error(&output, &["nothing listens on tcp", "connection refused"]);
+    one_line_error(&output, &["nothing listens on tcp", "connection refused"]);
 
     let silent = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let addr = silent.local_addr().expect("addr").to_string();
     let output = run(&["client", "udp", &addr, "--timeout", "200ms"]);
-    assert_one_line_error(&output, &["no reply from udp", "within 200ms"]);
+    one_line_error(&output, &["no reply from udp", "within 200ms"]);
 
     let output = run(&["client", "udp", "127.0.0.1"]);
-    assert_one_line_error(&output, &["bad server address"]);
+    one_line_error(&output, &["bad server address"]);
 }

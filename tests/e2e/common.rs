@@ -64,6 +64,56 @@ pub fn run(args: &[&str]) -> Output {
     }
 }
 
+/// Asserts that `output` is a refusal: a failed exit, exactly one line on
+/// stderr containing each of `needles`, no panic and no backtrace. Returns
+/// that line.
+pub fn one_line_error(output: &Output, needles: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "expected a refusal; stderr:\n{stderr}"
+    );
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "one line of error, got:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
+    for needle in needles {
+        assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
+    }
+    stderr.trim().to_owned()
+}
+
+/// Polls `probe` every 20 ms until it returns `Some`, failing the test
+/// with `what` (and the last state `probe` saw) after [`PATIENCE`].
+pub fn poll_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(found) = probe() {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting: {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A control socket path of a test's own, in a fresh scratch folder.
+pub fn control_path() -> std::path::PathBuf {
+    scratch_file("placeholder", b"").with_file_name("control.sock")
+}
+
+/// Runs `wasm-echo COMMAND --control CONTROL ARGS` (`reload`, `status`).
+pub fn control(command: &str, control: &std::path::Path, args: &[&str]) -> Output {
+    let control = control.to_str().expect("utf-8 path");
+    let mut all = vec![command, "--control", control];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
 /// Sends `signal` (`TERM`, `INT`, `HUP`) to process `pid`.
 pub fn send_signal(pid: u32, signal: &str) {
     let sent = Command::new("kill")

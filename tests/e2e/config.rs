@@ -2,7 +2,7 @@ use std::io::Write;
 use std::net::{TcpListener, UdpSocket};
 
 use crate::common::{
-    Server, free_port, run, scratch_file, tcp_ask, tcp_client, udp_ask, udp_client,
+    Server, free_port, one_line_error, run, scratch_file, tcp_ask, tcp_client, udp_ask, udp_client,
 };
 
 /// Serves `toml` and expects it refused with one line naming `key` and
@@ -10,19 +10,7 @@ use crate::common::{
 fn assert_refused(toml: &str, key: &str, reason: &str, good: std::net::SocketAddr) {
     let path = scratch_file("bad.toml", toml.as_bytes());
     let output = run(&["serve", "--config", path.to_str().expect("utf-8 path")]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "accepted:\n{toml}");
-    assert_eq!(
-        stderr.trim().lines().count(),
-        1,
-        "one line of error, got:\n{stderr}"
-    );
-    assert!(
-        stderr.contains(&path.display().to_string()),
-        "names the file: {stderr}"
-    );
-    assert!(stderr.contains(key), "names {key:?}: {stderr}");
-    assert!(stderr.contains(reason), "says {reason:?}: {stderr}");
+    one_line_error(&output, &[&path.display().to_string(), key, reason]);
     assert!(
         String::from_utf8_lossy(&output.stdout).is_empty(),
         "nothing listened"

@@ -3,8 +3,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::{
-    PATIENCE, Server, run, send_signal, tcp_ask, tcp_client, tcp_read_to_end, udp_ask, udp_client,
-    udp_expect_silence,
+    Server, poll_until, run, send_signal, tcp_ask, tcp_client, tcp_read_to_end, udp_ask,
+    udp_client, udp_expect_silence,
 };
 
 #[test]
@@ -153,14 +153,11 @@ fn sigterm_lets_open_connections_finish_then_exits_0() {
     // The open exchange goes on during the grace period...
     assert_eq!(tcp_ask(&mut stream, b"two", 18), b"hello, tcp client!");
     // ...while new connections are refused.
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while std::net::TcpStream::connect(server.tcp()).is_ok() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "listener still accepts after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_until("the listener to refuse connections after SIGTERM", || {
+        std::net::TcpStream::connect(server.tcp())
+            .is_err()
+            .then_some(())
+    });
     drop(stream);
     let status = server.wait_exit();
     assert!(status.success(), "exit status {status:?}");

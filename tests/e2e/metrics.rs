@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use prometheus_parse::{Scrape, Value};
 
 use crate::common::{
-    PATIENCE, Server, plugins, run, scratch_file, tcp_ask, tcp_client, udp_ask, udp_client,
+    PATIENCE, Server, one_line_error, plugins, run, scratch_file, tcp_ask, tcp_client, udp_ask,
+    udp_client,
 };
 
 /// GETs `/metrics` over plain HTTP and parses the Prometheus text.
@@ -298,11 +299,7 @@ fn json_logs_are_json_and_name_listener_and_peer() {
 #[test]
 fn status_says_when_nothing_serves_metrics() {
     let addr = crate::common::free_port().to_string();
-    let output = run(&["status", &addr]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("nothing serves metrics on"), "{stderr}");
+    one_line_error(&run(&["status", &addr]), &["nothing serves metrics on"]);
 }
 
 #[test]

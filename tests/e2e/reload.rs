@@ -6,23 +6,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    PATIENCE, Server, plugins, run, scratch_file, send_signal, tcp_ask, tcp_client, udp_ask,
-    udp_client,
+    self, Server, control_path, one_line_error, plugins, scratch_file, send_signal, tcp_ask,
+    tcp_client, udp_ask, udp_client,
 };
 
 const GREETING_UDP: &[u8] = b"Hello, client!";
 const GREETING_TCP: &[u8] = b"hello, tcp client!";
 
-/// A control socket path of this test's own.
-fn control_path() -> PathBuf {
-    scratch_file("placeholder", b"").with_file_name("control.sock")
-}
-
 fn reload(control: &Path, args: &[&str]) -> std::process::Output {
-    let control = control.to_str().expect("utf-8 path");
-    let mut all = vec!["reload", "--control", control];
-    all.extend_from_slice(args);
-    run(&all)
+    common::control("reload", control, args)
 }
 
 /// A plugin file in a scratch folder, holding `plugin`'s bytes.
@@ -268,14 +260,7 @@ fn sighup_reloads_every_plugin_from_disk() {
 #[test]
 fn reload_errors_are_one_line() {
     let nobody = control_path();
-    let output = reload(&nobody, &[]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("no wasm-echo server answers on"),
-        "{stderr}"
-    );
+    one_line_error(&reload(&nobody, &[]), &["no wasm-echo server answers on"]);
 
     let control = control_path();
     let server = Server::start(
@@ -298,9 +283,5 @@ fn reload_errors_are_one_line() {
     );
     // Nothing changed.
     assert_eq!(udp_ask(&udp_client(server.udp()), b"same"), b"same");
-    let deadline = Instant::now() + PATIENCE;
-    while !server.stderr().contains("reload failed, nothing changed") {
-        assert!(Instant::now() < deadline, "the failure was not logged");
-        thread::sleep(Duration::from_millis(20));
-    }
+    server.wait_for_log("reload failed, nothing changed");
 }

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use crate::common::{
-    PATIENCE, Server, plugins, run, scratch_file, send_signal, tcp_ask, tcp_client,
+    PATIENCE, Server, one_line_error, plugins, run, scratch_file, send_signal, tcp_ask, tcp_client,
     tcp_read_to_end, udp_ask, udp_client, udp_expect_silence,
 };
 
@@ -146,11 +146,7 @@ fn an_instance_cannot_pile_up_handles() {
 
 /// The one line `wasm-echo ARGS` fails with.
 fn refused(args: &[&str]) -> String {
-    let output = run(args);
-    assert!(!output.status.success(), "`{}` succeeded", args.join(" "));
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
-    stderr
+    one_line_error(&run(args), &[])
 }
 
 /// Regression: `check /dev/zero` and `plugin = "/dev/zero"` grew the

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::common::{BIN, Server, run, udp_ask, udp_client};
+use crate::common::{BIN, Server, one_line_error, run, udp_ask, udp_client};
 use crate::polyglot::built_dir;
 
 /// What `build.sh` needs beyond the usual environment.
@@ -165,11 +165,7 @@ fn new_refuses_a_non_empty_directory_and_a_bad_name_in_one_line() {
             "invalid plugin name `Shout!`",
         ),
     ] {
-        let output = run(&args);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{args:?} succeeded");
-        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
-        assert!(stderr.contains(needle), "{stderr}");
+        one_line_error(&run(&args), &[needle]);
     }
     assert_eq!(
         std::fs::read_dir(&dir).expect("still there").count(),
