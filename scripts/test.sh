@@ -14,4 +14,12 @@ cargo clippy --release --all-targets -- -D warnings
 # them too (tests/e2e/polyglot.rs) and build `wasm-echo new` projects with
 # the same toolchains (tests/e2e/scaffold.rs).
 scripts/build-polyglot.sh target/polyglot/out
-WASM_ECHO_POLYGLOT_DIR=$PWD/target/polyglot/out cargo test --release
+# Compile first, then bound the run itself: a hung test fails the run in
+# minutes, not at CI's limit. Each server a test starts is bounded too
+# (tests/e2e/common.rs, SERVER_LIFETIME), and so is each command it runs.
+cargo test --release --no-run
+WASM_ECHO_POLYGLOT_DIR=$PWD/target/polyglot/out \
+    timeout --kill-after=30s 20m cargo test --release
+# The benchmark harness, once and small, so that it cannot rot unnoticed.
+# Its figures are not judged here (BENCHMARKS.md says where they are).
+timeout --kill-after=30s 10m cargo run --release -q -p wasm-echo-bench -- --quick

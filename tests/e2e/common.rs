@@ -21,6 +21,12 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_wasm-echo");
 /// tests compile several at once on two cores.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
+/// How long any server a test starts may live. The longest test needs well
+/// under a minute; a test that hangs with its server running has its
+/// server killed at this bound (and so fails) instead of holding the run
+/// until CI's limit.
+pub const SERVER_LIFETIME: Duration = Duration::from_secs(300);
+
 /// Runs `wasm-echo ARGS` to completion, failing the test if it has not
 /// finished within [`PATIENCE`]: a regression that makes a command hang
 /// (a `serve` that starts on bad input, a read that never ends) fails its
@@ -133,6 +139,8 @@ pub struct Server {
     /// Every socket by listener name: (udp, tcp).
     named: HashMap<String, (Option<SocketAddr>, Option<SocketAddr>)>,
     stderr: Arc<Mutex<String>>,
+    /// Dropped with the server, which stops its watchdog.
+    _watchdog: mpsc::Sender<()>,
 }
 
 impl Server {
@@ -205,6 +213,7 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .expect("wasm-echo serve starts");
+        let watchdog = watch_lifetime(child.id(), args);
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = stderr.clone();
         let mut err = child.stderr.take().expect("stderr piped");
@@ -236,6 +245,7 @@ impl Server {
             named: HashMap::new(),
             metrics: None,
             stderr,
+            _watchdog: watchdog,
         };
         let deadline = Instant::now() + PATIENCE;
         let mut seen = 0;
@@ -343,6 +353,22 @@ impl Server {
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
     }
+}
+
+/// Kills process `pid` if it is still running after [`SERVER_LIFETIME`],
+/// unless the returned sender is dropped first.
+fn watch_lifetime(pid: u32, args: &[&str]) -> mpsc::Sender<()> {
+    let (alive, watched) = mpsc::channel::<()>();
+    let what = args.join(" ");
+    thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = watched.recv_timeout(SERVER_LIFETIME) {
+            eprintln!("`wasm-echo serve {what}` outlived {SERVER_LIFETIME:?}: killing it");
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    });
+    alive
 }
 
 impl Drop for Server {
