@@ -6,8 +6,15 @@ use crate::common::{
 };
 
 /// Serves `toml` and expects it refused with one line naming `key` and
-/// `reason`; then checks that the good listener's address was never bound.
+/// `reason`, and nothing listening. Meanwhile the test holds the good
+/// listener's address itself: a server that bound its sockets before
+/// checking the whole file would fail on that address ("address in use")
+/// instead of naming the bad key.
 fn assert_refused(toml: &str, key: &str, reason: &str, good: std::net::SocketAddr) {
+    let _held = (
+        UdpSocket::bind(good).expect("hold the good listener's udp address"),
+        TcpListener::bind(good).expect("hold the good listener's tcp address"),
+    );
     let path = scratch_file("bad.toml", toml.as_bytes());
     let output = run(&["serve", "--config", path.to_str().expect("utf-8 path")]);
     one_line_error(&output, &[&path.display().to_string(), key, reason]);
@@ -15,8 +22,6 @@ fn assert_refused(toml: &str, key: &str, reason: &str, good: std::net::SocketAdd
         String::from_utf8_lossy(&output.stdout).is_empty(),
         "nothing listened"
     );
-    UdpSocket::bind(good).expect("the good listener's udp address was never bound");
-    TcpListener::bind(good).expect("the good listener's tcp address was never bound");
 }
 
 /// A valid listener, `a-good`, sorted before the broken one.
@@ -139,10 +144,12 @@ fn a_listener_needs_an_address_and_a_file_needs_a_listener() {
     assert!(stderr.contains("missing field `listeners`"), "{stderr}");
 }
 
+/// The shipped example serves what it says: `greeter` greets over UDP and
+/// TCP, and `mirror` echoes over UDP and frames TCP by lines (a line is
+/// answered only once it is whole, `\r\n` ends it too, and the reply gets
+/// its `\n`, where raw framing would echo the bytes as they came).
 #[test]
 fn the_example_configuration_is_valid() {
-    // Serve the shipped example on ephemeral ports: every key it documents
-    // parses and means what it says.
     let example = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../wasm-echo.example.toml"
@@ -157,8 +164,19 @@ fn the_example_configuration_is_valid() {
         b"Hello, client!"
     );
     assert_eq!(
-        tcp_ask(&mut tcp_client(server.tcp_of("mirror")), b"line\n", 5),
-        b"line\n"
+        tcp_ask(&mut tcp_client(server.tcp_of("greeter")), b"hi", 18),
+        b"hello, tcp client!"
+    );
+    assert_eq!(
+        udp_ask(&udp_client(server.udp_of("mirror")), b"mirror me"),
+        b"mirror me"
+    );
+    let mut mirror = tcp_client(server.tcp_of("mirror"));
+    mirror.write_all(b"one\r\ntw").expect("send");
+    assert_eq!(
+        tcp_ask(&mut mirror, b"o\r\n", 8),
+        b"one\ntwo\n",
+        "whole lines, each answered with its own line"
     );
 }
 

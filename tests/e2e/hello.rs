@@ -1,6 +1,6 @@
 use std::io::Write;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::{
     Server, poll_until, run, send_signal, tcp_ask, tcp_client, tcp_read_to_end, udp_ask,
@@ -143,33 +143,68 @@ fn plugin_configuration_changes_the_greeting() {
     assert_eq!(tcp_ask(&mut tcp_client(server.tcp()), b"hi", 5), b"Salut");
 }
 
-#[test]
-fn sigterm_lets_open_connections_finish_then_exits_0() {
+/// SIGTERM and Ctrl-C (SIGINT) both stop accepting at once, let the open
+/// exchange go on during the grace period, and exit 0 once it ends.
+fn a_signal_lets_open_connections_finish_then_exits_0(signal: &str) {
     let mut server = Server::start("hello", &["--grace", "10s"]);
     let mut stream = tcp_client(server.tcp());
     assert_eq!(tcp_ask(&mut stream, b"one", 18), b"hello, tcp client!");
-    send_signal(server.pid(), "TERM");
+    send_signal(server.pid(), signal);
     server.wait_for_log("shutting down");
     // The open exchange goes on during the grace period...
     assert_eq!(tcp_ask(&mut stream, b"two", 18), b"hello, tcp client!");
     // ...while new connections are refused.
-    poll_until("the listener to refuse connections after SIGTERM", || {
-        std::net::TcpStream::connect(server.tcp())
-            .is_err()
-            .then_some(())
-    });
+    poll_until(
+        "the listener to refuse connections after the signal",
+        || {
+            std::net::TcpStream::connect(server.tcp())
+                .is_err()
+                .then_some(())
+        },
+    );
     drop(stream);
     let status = server.wait_exit();
-    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        status.success(),
+        "SIG{signal}: exit status {status:?}; stderr:\n{}",
+        server.stderr()
+    );
 }
 
 #[test]
+fn sigterm_lets_open_connections_finish_then_exits_0() {
+    a_signal_lets_open_connections_finish_then_exits_0("TERM");
+}
+
+/// The README's Ctrl-C: shuts down like SIGTERM, not by the default,
+/// fatal SIGINT.
+#[test]
+fn ctrl_c_lets_open_connections_finish_then_exits_0() {
+    a_signal_lets_open_connections_finish_then_exits_0("INT");
+}
+
+/// The grace period is kept: a connection that never closes is closed by
+/// the server not before `--grace` has passed since the signal, and not
+/// much after it.
+#[test]
 fn grace_period_ends_lingering_connections() {
-    let mut server = Server::start("hello", &["--grace", "200ms"]);
+    const GRACE: Duration = Duration::from_millis(300);
+    let mut server = Server::start("hello", &["--grace", "300ms"]);
     let mut stream = tcp_client(server.tcp());
     assert_eq!(tcp_ask(&mut stream, b"one", 18), b"hello, tcp client!");
+    let signalled = Instant::now();
     send_signal(server.pid(), "TERM");
     // The client never closes; the server closes it after the grace period.
     assert!(tcp_read_to_end(&mut stream).is_empty());
+    let closed_after = signalled.elapsed();
+    assert!(
+        closed_after >= GRACE,
+        "closed {closed_after:?} after SIGTERM, before its {GRACE:?} grace period"
+    );
+    // Generous: the close is due at the grace period; 5 s more is a hang.
+    assert!(
+        closed_after < GRACE + Duration::from_secs(5),
+        "closed only {closed_after:?} after SIGTERM, with a {GRACE:?} grace period"
+    );
     assert!(server.wait_exit().success());
 }

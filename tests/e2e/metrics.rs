@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use prometheus_parse::{Scrape, Value};
 
 use crate::common::{
-    PATIENCE, Server, one_line_error, plugins, run, scratch_file, tcp_ask, tcp_client, udp_ask,
-    udp_client,
+    PATIENCE, Server, control_path, one_line_error, plugins, poll_until, run, scratch_file,
+    tcp_ask, tcp_client, udp_ask, udp_client,
 };
 
 /// GETs `/metrics` over plain HTTP and parses the Prometheus text.
@@ -167,7 +167,7 @@ fn counters_move_by_exactly_the_traffic_sent() {
 
 #[test]
 fn failures_and_reloads_are_counted_by_kind() {
-    let control = scratch_file("placeholder", b"").with_file_name("control.sock");
+    let control = control_path();
     let control_arg = control.to_str().expect("utf-8 path");
     let server = Server::start(
         plugins::TRAP,
@@ -186,18 +186,12 @@ fn failures_and_reloads_are_counted_by_kind() {
     socket.send(b"loop").expect("send");
     assert_eq!(udp_ask(&socket, b"fine"), b"fine");
     assert!(
-        !run(&[
-            "reload",
-            "--control",
-            control_arg,
-            "--plugin",
-            "/nonexistent.wasm"
-        ])
-        .status
-        .success()
+        !crate::common::control("reload", &control, &["--plugin", "/nonexistent.wasm"])
+            .status
+            .success()
     );
     assert!(
-        run(&["reload", "--control", control_arg, "--plugin", "echo"])
+        crate::common::control("reload", &control, &["--plugin", "echo"])
             .status
             .success()
     );
@@ -406,7 +400,7 @@ fn page_lines(addr: SocketAddr) -> usize {
 fn retired_versions_leave_the_metrics_and_their_counts_stay_in_the_totals() {
     // Regression: every version ever swapped in kept its ~50 series, so a
     // server reloading every few seconds grew its page without bound.
-    let control = scratch_file("placeholder", b"").with_file_name("control.sock");
+    let control = control_path();
     let control_arg = control.to_str().expect("utf-8 path");
     let server = Server::start(
         "echo",
@@ -431,13 +425,11 @@ fn retired_versions_leave_the_metrics_and_their_counts_stay_in_the_totals() {
             "echo.wasm",
             &with_custom_section(&echo, &version.to_le_bytes()),
         );
-        let reloaded = run(&[
+        let reloaded = crate::common::control(
             "reload",
-            "--control",
-            control_arg,
-            "--plugin",
-            plugin.to_str().expect("utf-8 path"),
-        ]);
+            &control,
+            &["--plugin", plugin.to_str().expect("utf-8 path")],
+        );
         assert!(
             reloaded.status.success(),
             "{}",
@@ -447,24 +439,17 @@ fn retired_versions_leave_the_metrics_and_their_counts_stay_in_the_totals() {
         if size_after_first_swap.is_none() {
             // Once the replaced version's connection has closed, only the
             // current version is left.
-            let deadline = Instant::now() + PATIENCE;
-            while info_series(&scrape(metrics)) > 1 {
-                assert!(Instant::now() < deadline, "the first version never retired");
-                thread::sleep(Duration::from_millis(20));
-            }
+            poll_until("the first version to retire", || {
+                (info_series(&scrape(metrics)) <= 1).then_some(())
+            });
             size_after_first_swap = Some(page_lines(metrics));
         }
     }
     let size = size_after_first_swap.expect("measured");
-    let deadline = Instant::now() + PATIENCE;
-    while page_lines(metrics) > size {
-        assert!(
-            Instant::now() < deadline,
-            "the page grew from {size} to {} lines",
-            page_lines(metrics)
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    poll_until(
+        &format!("the page to shrink back to its {size} lines after one version"),
+        || (page_lines(metrics) <= size).then_some(()),
+    );
     let scrape = expect(
         metrics,
         &[

@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::{BIN, Server, one_line_error, plugins, run, scratch_file, udp_ask, udp_client};
+use crate::common::{
+    BIN, Server, one_line_error, plugins, poll_until, run, scratch_file, udp_ask, udp_client,
+};
 
 /// Every key the command line can also set, with a value out of its range
 /// written as a flag and as a TOML value.
@@ -152,4 +154,36 @@ fn with_two_servers_reload_reloads_neither_and_names_both() {
         udp_ask(&udp_client(second.udp()), b"two"),
         b"Hello, client!"
     );
+}
+
+/// The README's default control socket: without `--control`, a server
+/// makes `$XDG_RUNTIME_DIR/wasm-echo/serve-PID.sock`, mode 0600, in a
+/// folder of mode 0700, and a plain `reload` finds it there.
+#[test]
+fn the_default_control_socket_is_private_and_found_without_control() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let runtime = scratch_file("placeholder", b"").with_file_name("runtime");
+    std::fs::create_dir_all(&runtime).expect("runtime dir");
+    let server = server_in(&runtime);
+    let folder = runtime.join("wasm-echo");
+    let socket = folder.join(format!("serve-{}.sock", server.pid()));
+    let metadata = poll_until("the default control socket", || {
+        std::fs::symlink_metadata(&socket).ok()
+    });
+    assert!(metadata.file_type().is_socket(), "{}", socket.display());
+    assert_eq!(
+        metadata.permissions().mode() & 0o777,
+        0o600,
+        "{} is private to its user",
+        socket.display()
+    );
+    let folder_mode = std::fs::metadata(&folder).expect("control folder");
+    assert_eq!(folder_mode.permissions().mode() & 0o777, 0o700);
+    let reloaded = reload_in(&runtime, &["--plugin", "echo"]);
+    assert!(
+        reloaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reloaded.stderr)
+    );
+    assert_eq!(udp_ask(&udp_client(server.udp()), b"found"), b"found");
 }
