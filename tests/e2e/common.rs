@@ -95,7 +95,7 @@ pub fn one_line_error(output: &Output, needles: &[&str]) -> String {
 }
 
 /// Polls `probe` every 20 ms until it returns `Some`, failing the test
-/// with `what` (and the last state `probe` saw) after [`PATIENCE`].
+/// with `what` after [`PATIENCE`].
 pub fn poll_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + PATIENCE;
     loop {
