@@ -385,3 +385,25 @@ fn wasm_echo_log_plugin_warn_keeps_the_host_warnings() {
         "host info lines:\n{log}"
     );
 }
+
+/// Regression test for issue 20: a Rust plugin's panic became four `info`
+/// lines (an empty one, `thread ... panicked at`, the message and the note
+/// about `RUST_BACKTRACE`). It is one warning with the message on it.
+#[test]
+fn a_guest_panic_is_one_warning_line() {
+    let server = Server::with_args(&["--plugin", plugins::TRAP, "--udp", "127.0.0.1:0"]);
+    udp_client(server.udp()).send(b"panic").expect("send");
+    let log = server.wait_for_log("datagram dropped: plugin trapped");
+    let plugin: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains(" plugin:"))
+        .collect();
+    assert_eq!(plugin.len(), 1, "{log}");
+    assert!(
+        plugin[0].contains(" WARN plugin: thread '")
+            && plugin[0].contains(" panicked at trap/src/lib.rs:")
+            && plugin[0].contains(": asked to panic listener=\"main\""),
+        "{log}"
+    );
+    assert!(!log.contains("RUST_BACKTRACE"), "{log}");
+}
