@@ -1,5 +1,5 @@
-//! The command line: `serve`, `client` and `check`. Parsing is clap's; each
-//! verb hands off to its module at once.
+//! The command line: `serve`, `client`, `check`, `reload`, `status` and
+//! `new`. Parsing is clap's; each verb hands off to its module at once.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, Exchange};
 use crate::config::{
-    Origin, RawConfig, RawListener, ServerConfig, check_max_plugin_size, parse_size,
+    Origin, RawConfig, RawListener, ServerConfig, check_max_plugin_size, parse_address, parse_size,
 };
 use crate::control;
 use crate::framing::Framing;
@@ -63,29 +63,34 @@ struct ServeArgs {
     config: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free
     /// port, printed as `listening metrics ADDR`).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = parse_address)]
     metrics: Option<SocketAddr>,
     /// Log lines as human-readable text or as one JSON object per line.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Reload a listener's plugin when its file changes (written in place
-    /// or renamed over); SIGHUP and `wasm-echo reload` work either way.
+    /// or renamed over). After `wasm-echo reload --plugin`, the new file is
+    /// watched instead (none for a built-in). SIGHUP and `wasm-echo reload`
+    /// work either way.
     #[arg(long)]
     watch: bool,
     /// The control socket `wasm-echo reload` talks to [default:
-    /// $XDG_RUNTIME_DIR/wasm-echo.sock, or /tmp/wasm-echo.sock].
+    /// $XDG_RUNTIME_DIR/wasm-echo/serve-PID.sock (FILE-PID.sock with
+    /// --config FILE.toml), or /tmp/wasm-echo-UID/ without
+    /// $XDG_RUNTIME_DIR].
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// The plugin: a built-in's name (hello, echo, counter) or the path of a
     /// .wasm component.
     #[arg(long, value_name = "NAME|PATH")]
     plugin: Option<String>,
-    /// Serve UDP on this address. Without --udp and --tcp both are served on
-    /// 0.0.0.0:12345; with only one of them, only that one.
-    #[arg(long, value_name = "ADDR")]
+    /// Serve UDP on this IP address and port (port 0: any free port).
+    /// Without --udp and --tcp both are served on 0.0.0.0:12345; with only
+    /// one of them, only that one.
+    #[arg(long, value_name = "ADDR", value_parser = parse_address)]
     udp: Option<SocketAddr>,
-    /// Serve TCP on this address (see --udp).
-    #[arg(long, value_name = "ADDR")]
+    /// Serve TCP on this IP address and port (see --udp).
+    #[arg(long, value_name = "ADDR", value_parser = parse_address)]
     tcp: Option<SocketAddr>,
     /// A setting the plugin reads with `get-config` (repeatable), e.g.
     /// `--plugin-config udp-greeting=Hi`.
@@ -168,6 +173,11 @@ struct ClientArgs {
     /// Do not send `exit` after the reply (leave the server running).
     #[arg(long)]
     no_exit: bool,
+    /// How TCP messages are cut, as the listener's `--framing` says:
+    /// `raw` (as they are), `lines` (each ends with `\n`) or
+    /// `length-prefixed` (a big-endian u32 length first) [default: raw].
+    #[arg(long, value_enum)]
+    framing: Option<Framing>,
     /// How long to wait for the connection and for the reply.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -178,7 +188,8 @@ struct StatusArgs {
     /// The server's metrics address (as given to `serve --metrics`).
     #[arg(default_value = "127.0.0.1:9100")]
     addr: String,
-    /// How long to watch before computing rates.
+    /// How long to watch before computing rates: the metrics are read
+    /// twice, this far apart.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     interval: Duration,
 }
@@ -192,7 +203,9 @@ struct ReloadArgs {
     /// Reload only this listener [default: all of them].
     #[arg(long, value_name = "NAME")]
     listener: Option<String>,
-    /// The server's control socket (as given to `serve --control`).
+    /// The server's control socket (as given to `serve --control`)
+    /// [default: the one server running, found in $XDG_RUNTIME_DIR/wasm-echo/
+    /// or /tmp/wasm-echo-UID/].
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
 }
@@ -438,8 +451,15 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
         Protocol::Udp => client::UDP_MESSAGE,
         Protocol::Tcp => client::TCP_MESSAGE,
     };
+    let framing = match (args.protocol, args.framing) {
+        (Protocol::Udp, Some(framing)) if framing != Framing::Raw => {
+            anyhow::bail!("--framing is for tcp: a datagram is one message already")
+        }
+        (_, framing) => framing.unwrap_or_default(),
+    };
     let exchange = Exchange {
         addr: args.addr,
+        framing,
         message: args
             .message
             .unwrap_or_else(|| default.to_owned())

@@ -8,6 +8,12 @@ use anyhow::{Context as _, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket, lookup_host};
 
+use crate::framing::{Framed, Framing, MessageReader};
+
+/// The longest reply the TCP client takes in `lines` or `length-prefixed`
+/// mode: as long as any listener may send.
+const MAX_REPLY: usize = 64 << 20;
+
 /// The message the tutorial's UDP client sends.
 pub const UDP_MESSAGE: &str = "Hello, server!";
 /// The message the tutorial's TCP client sends.
@@ -20,6 +26,8 @@ pub const EXIT_MESSAGE: &str = "exit";
 pub struct Exchange {
     /// `host:port` of the server.
     pub addr: String,
+    /// How TCP messages are cut on the wire: the listener's framing.
+    pub framing: Framing,
     /// What to send.
     pub message: Vec<u8>,
     /// Send `exit` after the reply.
@@ -84,7 +92,8 @@ pub async fn udp(exchange: &Exchange) -> anyhow::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Connects, sends the message and returns the first chunk of the reply.
+/// Connects, sends the message framed as the listener expects, and returns
+/// the first message of the reply (in `raw` mode, its first chunk).
 ///
 /// # Errors
 ///
@@ -106,26 +115,55 @@ pub async fn tcp(exchange: &Exchange) -> anyhow::Result<Vec<u8>> {
         ),
     };
     stream
-        .write_all(&exchange.message)
+        .write_all(&frame(exchange.framing, &exchange.message)?)
         .await
         .with_context(|| format!("sending to tcp {server}"))?;
-    let mut buf = vec![0u8; 64 * 1024];
-    let len = match tokio::time::timeout(exchange.timeout, stream.read(&mut buf)).await {
-        Ok(Ok(0)) => bail!("tcp {server} closed the connection without replying"),
-        Ok(Ok(len)) => len,
-        Ok(Err(error)) => bail!("receiving from tcp {server}: {error}"),
-        Err(_) => bail!(
-            "no reply from tcp {server} within {}",
-            humantime::format_duration(exchange.timeout)
-        ),
+    let reply = tokio::time::timeout(exchange.timeout, read_reply(&mut stream, exchange.framing))
+        .await
+        .map_err(|_| {
+            let hint = match exchange.framing {
+                Framing::Raw => "",
+                _ => " (does the listener use this --framing?)",
+            };
+            anyhow::anyhow!(
+                "no reply from tcp {server} within {}{hint}",
+                humantime::format_duration(exchange.timeout)
+            )
+        })?
+        .with_context(|| format!("receiving from tcp {server}"))?;
+    let Some(reply) = reply else {
+        bail!("tcp {server} closed the connection without replying");
     };
-    buf.truncate(len);
     if exchange.send_exit {
         stream
-            .write_all(EXIT_MESSAGE.as_bytes())
+            .write_all(&frame(exchange.framing, EXIT_MESSAGE.as_bytes())?)
             .await
             .with_context(|| format!("sending exit to tcp {server}"))?;
     }
     let _ = stream.shutdown().await;
-    Ok(buf)
+    Ok(reply)
+}
+
+/// `message` as it goes on the wire.
+fn frame(framing: Framing, message: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use tokio_util::bytes::Buf as _;
+    let framed = Framed::new(framing, message)?;
+    let mut buf = framed.as_buf();
+    Ok(buf.copy_to_bytes(buf.remaining()).to_vec())
+}
+
+/// Reads until one whole message has come, or the server closes.
+async fn read_reply(stream: &mut TcpStream, framing: Framing) -> anyhow::Result<Option<Vec<u8>>> {
+    let mut reader = MessageReader::new(framing, MAX_REPLY);
+    let mut buf = tokio_util::bytes::BytesMut::with_capacity(64 * 1024);
+    loop {
+        if let Some(message) = reader.next(&mut buf)? {
+            return Ok(Some(message.to_vec()));
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Ok(reader
+                .next_at_eof(&mut buf)?
+                .map(|message| message.to_vec()));
+        }
+    }
 }

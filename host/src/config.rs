@@ -175,6 +175,8 @@ pub struct RawConfig {
     pub grace: Option<Duration>,
     #[serde(default, deserialize_with = "size")]
     pub max_plugin_size: Option<usize>,
+    // Missing or empty alike: `resolve` says what to add.
+    #[serde(default)]
     pub listeners: BTreeMap<String, RawListener>,
 }
 
@@ -184,7 +186,9 @@ pub struct RawConfig {
 #[allow(missing_docs)] // the keys are documented in wasm-echo.example.toml
 pub struct RawListener {
     pub plugin: String,
+    #[serde(default, deserialize_with = "address")]
     pub udp: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "address")]
     pub tcp: Option<SocketAddr>,
     #[serde(default)]
     pub framing: Option<Framing>,
@@ -231,7 +235,7 @@ pub const MAX_PLUGIN_SIZE_RANGE: RangeInclusive<u64> = 1 << 20..=4 << 30;
 ///
 /// The reason it is out of range.
 pub fn check_max_plugin_size(bytes: u64) -> Result<u64, String> {
-    in_range(bytes, MAX_PLUGIN_SIZE_RANGE, |v| *v)
+    in_range(bytes, MAX_PLUGIN_SIZE_RANGE, |v| show_size(*v))
 }
 
 impl ServerConfig {
@@ -482,6 +486,9 @@ impl RawListener {
         let check = |field: &str, value: usize, range: RangeInclusive<usize>| {
             in_range(value, range, |v| *v).map_err(|reason| error(field, reason))
         };
+        let check_size = |field: &str, value: usize, range: RangeInclusive<usize>| {
+            in_range(value, range, |v| show_size(*v as u64)).map_err(|reason| error(field, reason))
+        };
         let check_duration = |field: &str, value: Duration, range: RangeInclusive<Duration>| {
             in_range(value, range, |v| humantime::format_duration(*v))
                 .map_err(|reason| error(field, reason))
@@ -492,7 +499,7 @@ impl RawListener {
                 self.call_timeout.unwrap_or(defaults.call_timeout),
                 Duration::from_millis(1)..=Duration::from_secs(60),
             )?,
-            memory_bytes: check(
+            memory_bytes: check_size(
                 "memory-limit",
                 self.memory_limit.unwrap_or(defaults.memory_bytes),
                 1 << 20..=4 << 30,
@@ -535,7 +542,7 @@ impl RawListener {
             Duration::from_millis(10)..=Duration::from_secs(3600),
         )?;
         let traffic = TrafficLimits {
-            max_reply: check(
+            max_reply: check_size(
                 "max-reply",
                 self.max_reply.unwrap_or(traffic.max_reply),
                 1..=64 << 20,
@@ -558,7 +565,7 @@ impl RawListener {
                 self.log_rate.unwrap_or(traffic.log_lines_per_second) as usize,
                 1..=1_000_000,
             )? as u32,
-            log_bytes_per_second: check(
+            log_bytes_per_second: check_size(
                 "log-bytes-rate",
                 self.log_bytes_rate
                     .unwrap_or(traffic.log_bytes_per_second as usize),
@@ -571,7 +578,7 @@ impl RawListener {
             udp: self.udp,
             tcp: self.tcp,
             framing: self.framing.unwrap_or_default(),
-            max_message: check(
+            max_message: check_size(
                 "max-message",
                 self.max_message.unwrap_or(DEFAULT_MAX_MESSAGE),
                 1..=64 << 20,
@@ -602,6 +609,57 @@ fn in_range<T: PartialOrd, S: fmt::Display>(
             show(range.end())
         ))
     }
+}
+
+/// A size as a person would write it: in the largest binary unit that
+/// divides it (`1KiB`, `64MiB`, `4GiB`), else in bytes.
+pub fn show_size(bytes: u64) -> String {
+    for (unit, scale) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= scale && bytes.is_multiple_of(scale) {
+            return format!("{}{unit}", bytes / scale);
+        }
+    }
+    format!("{bytes} bytes")
+}
+
+/// Parses a socket address: an IP address and a port. A host name is
+/// refused with a word on why, not resolved: what it resolves to can
+/// change, and one name can stand for several addresses.
+///
+/// # Errors
+///
+/// A message saying what an address looks like.
+pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    match text.rsplit_once(':') {
+        Some((host, port))
+            if !host.is_empty()
+                && port.parse::<u16>().is_ok()
+                && host.parse::<std::net::IpAddr>().is_err()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') =>
+        {
+            Err(format!(
+                "`{text}`: host names are not accepted, give an IP address (e.g. 127.0.0.1:{port}, 0.0.0.0:{port} or [::1]:{port})"
+            ))
+        }
+        _ => Err(format!(
+            "`{text}` is not an IP address and port (e.g. 127.0.0.1:12345 or [::1]:12345)"
+        )),
+    }
+}
+
+/// A socket address in the file; see [`parse_address`].
+fn address<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_address(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// A TOML syntax error in one line, with its line number.
@@ -704,6 +762,29 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("lots").is_err());
         assert!(parse_size("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn sizes_are_shown_in_their_unit() {
+        assert_eq!(show_size(1024), "1KiB");
+        assert_eq!(show_size(64 << 20), "64MiB");
+        assert_eq!(show_size(4 << 30), "4GiB");
+        assert_eq!(show_size(1536), "1536 bytes");
+    }
+
+    #[test]
+    fn host_names_are_refused_with_the_reason() {
+        assert_eq!(
+            parse_address("[::1]:7"),
+            Ok("[::1]:7".parse().expect("addr"))
+        );
+        let named = parse_address("localhost:0").expect_err("a host name");
+        assert!(named.contains("host names are not accepted"), "{named}");
+        let garbled = parse_address("localhost").expect_err("no port");
+        assert!(
+            garbled.contains("is not an IP address and port"),
+            "{garbled}"
+        );
     }
 
     #[test]

@@ -52,20 +52,38 @@ pub enum FrameError {
         max: usize,
     },
     /// The peer closed its side in the middle of a message.
-    #[error(
-        "protocol error: connection closed in the middle of a frame ({unread} bytes of it undelivered)"
-    )]
+    #[error("protocol error: connection closed in the middle of a frame{}", cut_short(*.arrived, *.expected))]
     Truncated {
-        /// How many bytes of the frame had arrived (once the length prefix
-        /// is whole, it no longer counts).
-        unread: usize,
+        /// How many bytes of the frame had arrived: of its body once the
+        /// length prefix is whole, else of the prefix.
+        arrived: usize,
+        /// The body's length, once the prefix is whole.
+        expected: Option<usize>,
     },
 }
+
+/// How much of a cut-short frame came, in words.
+fn cut_short(arrived: usize, expected: Option<usize>) -> String {
+    match expected {
+        Some(expected) => format!(
+            " ({arrived} of its {expected} bytes arrived, {} missing)",
+            expected.saturating_sub(arrived)
+        ),
+        None => format!("'s length ({arrived} of its {LENGTH_PREFIX} bytes arrived)"),
+    }
+}
+
+/// The length prefix of `length-prefixed` framing: a big-endian u32.
+const LENGTH_PREFIX: usize = 4;
 
 /// Cuts a byte stream into messages.
 pub struct MessageReader {
     decoder: Kind,
     max: usize,
+    /// In `length-prefixed` mode, the length of the frame being read once
+    /// its prefix is whole: the codec keeps it to itself, and a frame cut
+    /// short is reported with it.
+    expected: Option<usize>,
 }
 
 enum Kind {
@@ -93,7 +111,11 @@ impl MessageReader {
                     .new_codec(),
             ),
         };
-        Self { decoder, max }
+        Self {
+            decoder,
+            max,
+            expected: None,
+        }
     }
 
     /// Takes the next whole message out of `buf`, if one is there.
@@ -111,10 +133,22 @@ impl MessageReader {
                 .map(|line| line.map(strip_cr))
                 .map_err(|_| FrameError::TooLong { max }),
             // The only decode error of this codec is an oversized length.
-            Kind::LengthPrefixed(codec) => match codec.decode(buf) {
-                Ok(frame) => Ok(frame.map(BytesMut::freeze)),
-                Err(_) => Err(FrameError::TooLong { max }),
-            },
+            Kind::LengthPrefixed(codec) => {
+                if self.expected.is_none()
+                    && let Some(prefix) = buf.get(..LENGTH_PREFIX)
+                {
+                    let prefix: [u8; LENGTH_PREFIX] = prefix.try_into().unwrap_or_default();
+                    self.expected = Some(u32::from_be_bytes(prefix) as usize);
+                }
+                match codec.decode(buf) {
+                    Ok(Some(frame)) => {
+                        self.expected = None;
+                        Ok(Some(frame.freeze()))
+                    }
+                    Ok(None) => Ok(None),
+                    Err(_) => Err(FrameError::TooLong { max }),
+                }
+            }
         }
     }
 
@@ -136,7 +170,10 @@ impl MessageReader {
             _ => match self.next(buf)? {
                 Some(message) => Ok(Some(message)),
                 None if buf.is_empty() => Ok(None),
-                None => Err(FrameError::Truncated { unread: buf.len() }),
+                None => Err(FrameError::Truncated {
+                    arrived: buf.len(),
+                    expected: self.expected,
+                }),
             },
         }
     }
@@ -262,7 +299,17 @@ mod tests {
         let huge = messages(Framing::LengthPrefixed, 1024, &[b"\x40\0\0\0"]);
         assert!(matches!(huge, Err(FrameError::TooLong { max: 1024 })));
         let cut = messages(Framing::LengthPrefixed, 1024, &[b"\0\0\0\x0aabc"]);
-        assert!(matches!(cut, Err(FrameError::Truncated { unread: 3 })));
+        let cut = cut.map(|_| ()).map_err(|error| error.to_string());
+        assert_eq!(
+            cut,
+            Err("protocol error: connection closed in the middle of a frame (3 of its 10 bytes arrived, 7 missing)".to_owned())
+        );
+        let cut = messages(Framing::LengthPrefixed, 1024, &[b"\0\0\0\x01a\0\0"]);
+        let cut = cut.map(|_| ()).map_err(|error| error.to_string());
+        assert_eq!(
+            cut,
+            Err("protocol error: connection closed in the middle of a frame's length (2 of its 4 bytes arrived)".to_owned())
+        );
     }
 
     #[test]

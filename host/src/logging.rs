@@ -49,12 +49,15 @@ pub struct Logs {
 }
 
 /// Sends log lines to stderr through a lossy queue: the level is `info`
-/// unless `WASM_ECHO_LOG` says otherwise (e.g. `debug`,
-/// `wasm_echo=debug,plugin=warn`). Installs the global subscriber, so call
-/// it once.
+/// unless `WASM_ECHO_LOG` says otherwise, read as [`directives`] explains
+/// (e.g. `debug`, `info,plugin=warn`). Installs the global subscriber, so
+/// call it once.
 pub fn init(format: LogFormat) -> Logs {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WASM_ECHO_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spec = std::env::var("WASM_ECHO_LOG").unwrap_or_default();
+    let (filter, refused) = match tracing_subscriber::EnvFilter::try_new(directives(&spec)) {
+        Ok(filter) => (filter, None),
+        Err(error) => (tracing_subscriber::EnvFilter::new("info"), Some(error)),
+    };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
@@ -76,7 +79,81 @@ pub fn init(format: LogFormat) -> Logs {
         LogFormat::Text => logs.with_ansi(ansi).init(),
         LogFormat::Json => logs.json().init(),
     }
+    if let Some(error) = refused {
+        tracing::warn!("WASM_ECHO_LOG=`{spec}` ignored, logging at info: {error}");
+    }
     Logs { guard, dropped }
+}
+
+/// Libraries whose own `debug` and `trace` lines are about their insides,
+/// not about serving: Cranelift alone writes thousands of them a second
+/// while it compiles. A bare level (`debug`) does not reach them; naming
+/// one does (`debug,cranelift_codegen=debug`). Matched as prefixes of a
+/// line's target, as every `WASM_ECHO_LOG` directive is.
+const INTERNALS: &[&str] = &[
+    "cranelift",
+    "wasmtime",
+    "regalloc2",
+    "wasmparser",
+    "wasm_encoder",
+    "wit_parser",
+    "wit_component",
+    "winch",
+    "pulley",
+    "object",
+    "gimli",
+    "notify",
+    "mio",
+    "tokio",
+    "hyper",
+];
+
+/// What `WASM_ECHO_LOG` means, as `EnvFilter` directives. It reads as
+/// `RUST_LOG` does, with two differences that make the plain words do what
+/// they say:
+///
+/// - a bare level more verbose than `info` (`debug`, `trace`) is for
+///   wasm-echo and its plugins; the libraries in [`INTERNALS`] stay at
+///   `info` unless a directive names them;
+/// - a spec without a bare level keeps `info` for everything it does not
+///   name, so `plugin=warn` quiets plugins, not the host's own warnings.
+fn directives(spec: &str) -> String {
+    use tracing_subscriber::filter::LevelFilter;
+    let spec = spec.trim();
+    if spec.is_empty() {
+        return "info".to_owned();
+    }
+    let parts: Vec<&str> = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    let bare = parts
+        .iter()
+        .filter_map(|part| part.parse::<LevelFilter>().ok())
+        .next_back();
+    // A more specific target wins (`cranelift_codegen=debug` over
+    // `cranelift=info`); the same one given twice is left to the user's.
+    let named = |target: &str| {
+        parts
+            .iter()
+            .any(|part| part.split(['=', '[']).next() == Some(target))
+    };
+    let mut out: Vec<String> = Vec::new();
+    match bare {
+        None => out.push("info".to_owned()),
+        Some(level) if level > LevelFilter::INFO => {
+            out.extend(
+                INTERNALS
+                    .iter()
+                    .filter(|target| !named(target))
+                    .map(|target| format!("{target}=info")),
+            );
+        }
+        Some(_) => {}
+    }
+    out.extend(parts.iter().map(|part| (*part).to_owned()));
+    out.join(",")
 }
 
 impl Logs {
@@ -134,5 +211,33 @@ impl Logs {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::directives;
+
+    #[test]
+    fn a_bare_debug_leaves_the_compiler_at_info() {
+        let debug = directives("debug");
+        assert!(
+            debug.starts_with("cranelift=info,wasmtime=info,"),
+            "{debug}"
+        );
+        assert!(debug.ends_with(",debug"), "{debug}");
+        // Named, it is the user's to set.
+        let named = directives("debug,cranelift=trace");
+        assert!(!named.contains("cranelift=info"), "{named}");
+        assert!(named.contains("wasmtime=info"), "{named}");
+        assert!(named.ends_with("debug,cranelift=trace"), "{named}");
+    }
+
+    #[test]
+    fn a_spec_without_a_level_keeps_info_for_the_rest() {
+        assert_eq!(directives("plugin=warn"), "info,plugin=warn");
+        assert_eq!(directives("info,plugin=warn"), "info,plugin=warn");
+        assert_eq!(directives("warn"), "warn");
+        assert_eq!(directives(""), "info");
     }
 }

@@ -17,7 +17,7 @@
 //! | `wasm_echo_closes_total` (TCP connections ended) | listener, reason (peer, plugin, idle, protocol, failed, shutdown, io, write-timeout) |
 //! | `wasm_echo_rejected_connections_total` | listener |
 //! | `wasm_echo_open_connections` | listener |
-//! | `wasm_echo_reloads_total` | listener, result |
+//! | `wasm_echo_reloads_total` | listener, result (ok: swapped, unchanged: the same bytes again, failed) |
 //! | `wasm_echo_plugin_failures_total` | listener, version, kind (trap, deadline, memory, reply) |
 //! | `wasm_echo_plugin_call_seconds`, `wasm_echo_instantiation_seconds` (histograms) | listener, version |
 //! | `wasm_echo_instances` | listener, version |
@@ -48,6 +48,20 @@ use tokio::net::{TcpListener, TcpStream};
 mod versions;
 
 pub use versions::{FailureKind, PluginSeries, VersionSeries};
+
+/// How a reload of one listener ended, as `wasm_echo_reloads_total`'s
+/// `result` label says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// A new version was swapped in (`ok`).
+    Swapped,
+    /// The new bytes were the ones running: nothing to swap (`unchanged`),
+    /// as after a SIGHUP with no file changed.
+    Unchanged,
+    /// Nothing changed because the new version did not load or start
+    /// (`failed`).
+    Failed,
+}
 
 /// Histogram buckets for plugin calls and instantiations, in seconds: from
 /// a microsecond to the longest deadline.
@@ -384,8 +398,12 @@ impl ListenerMetrics {
     }
 
     /// A reload of this listener finished.
-    pub fn reloaded(&self, ok: bool) {
-        let result = if ok { "ok" } else { "failed" };
+    pub fn reloaded(&self, outcome: ReloadOutcome) {
+        let result = match outcome {
+            ReloadOutcome::Swapped => "ok",
+            ReloadOutcome::Unchanged => "unchanged",
+            ReloadOutcome::Failed => "failed",
+        };
         counter!("wasm_echo_reloads_total", "listener" => self.listener.clone(), "result" => result).increment(1);
     }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::metrics::ReloadOutcome;
 use crate::plugin::{CallError, LoadError, PluginSource, Runtime};
 use crate::tenant::Tenant;
 
@@ -81,6 +82,12 @@ pub struct Swap {
     pub still_on_previous: usize,
     /// Whether anything changed (a reload of identical bytes swaps nothing).
     pub swapped: bool,
+    /// With `serve --watch`, when the swap changed where the plugin comes
+    /// from: what the watcher follows now (`watching PATH`, or no file for
+    /// a built-in). The watcher follows the source a listener runs, so a
+    /// `reload --plugin` is not undone by a later write to the old file.
+    #[serde(default)]
+    pub watching: Option<String>,
 }
 
 impl fmt::Display for Swap {
@@ -95,7 +102,11 @@ impl fmt::Display for Swap {
                 self.loaded_at,
                 self.still_on_previous,
                 self.previous
-            )
+            )?;
+            match &self.watching {
+                Some(watching) => write!(f, "; {watching}"),
+                None => Ok(()),
+            }
         } else {
             write!(
                 f,
@@ -112,6 +123,9 @@ pub struct Reloader {
     tenants: Vec<Arc<Tenant>>,
     /// Reloads are serialised so two never race on one tenant.
     busy: tokio::sync::Mutex<()>,
+    /// Tells the file watcher (`serve --watch`, see [`Reloader::follow`])
+    /// that a listener runs from another source now; unset without one.
+    sources: std::sync::OnceLock<tokio::sync::watch::Sender<()>>,
 }
 
 impl Reloader {
@@ -121,15 +135,28 @@ impl Reloader {
             runtime,
             tenants,
             busy: tokio::sync::Mutex::new(()),
+            sources: std::sync::OnceLock::new(),
         }
     }
 
-    /// The plugin file each tenant runs, for the watcher.
+    /// For the file watcher: changes whenever a reload points a listener
+    /// at another source, so that it watches [`Reloader::watched_files`]
+    /// afresh. Once this is called, reload answers say what is watched.
+    pub fn follow(&self) -> tokio::sync::watch::Receiver<()> {
+        self.sources
+            .get_or_init(|| tokio::sync::watch::channel(()).0)
+            .subscribe()
+    }
+
+    /// The plugin file each tenant runs now (absolute), for the watcher.
     pub fn watched_files(&self) -> Vec<(String, std::path::PathBuf)> {
         self.tenants
             .iter()
             .filter_map(|tenant| match tenant.current()?.source() {
-                PluginSource::File(path) => Some((tenant.name().to_owned(), path.clone())),
+                PluginSource::File(path) => Some((
+                    tenant.name().to_owned(),
+                    std::path::absolute(path).unwrap_or_else(|_| path.clone()),
+                )),
                 PluginSource::Builtin(_) => None,
             })
             .collect()
@@ -154,7 +181,14 @@ impl Reloader {
             .iter()
             .filter(|tenant| listener.is_none_or(|name| name == tenant.name()));
         for tenant in targets {
-            tenant.metrics().reloaded(result.is_ok());
+            let outcome = match &result {
+                Err(_) => ReloadOutcome::Failed,
+                Ok(swaps) => match swaps.iter().find(|swap| swap.listener == tenant.name()) {
+                    Some(swap) if swap.swapped => ReloadOutcome::Swapped,
+                    _ => ReloadOutcome::Unchanged,
+                },
+            };
+            tenant.metrics().reloaded(outcome);
         }
         result
     }
@@ -230,10 +264,22 @@ impl Reloader {
         }
 
         let mut swaps = Vec::new();
+        let mut moved = false;
         for (tenant, current, plugin, swapped) in ready {
             if swapped {
                 tenant.swap(plugin.clone());
             }
+            let watching =
+                (swapped && plugin.source() != current.source() && self.sources.get().is_some())
+                    .then(|| {
+                        moved = true;
+                        match plugin.source() {
+                            PluginSource::File(path) => format!("now watching {}", path.display()),
+                            PluginSource::Builtin(name) => {
+                                format!("now watching no file (`{name}` is built in)")
+                            }
+                        }
+                    });
             let live = tenant.current().unwrap_or(plugin);
             let swap = Swap {
                 listener: tenant.name().to_owned(),
@@ -242,9 +288,13 @@ impl Reloader {
                 loaded_at: humantime::format_rfc3339_millis(live.loaded_at()).to_string(),
                 still_on_previous: if swapped { current.instances() } else { 0 },
                 swapped,
+                watching,
             };
             tracing::info!(listener = tenant.name(), "reloaded: {swap}");
             swaps.push(swap);
+        }
+        if moved && let Some(sources) = self.sources.get() {
+            sources.send_replace(());
         }
         Ok(swaps)
     }

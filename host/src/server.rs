@@ -232,14 +232,9 @@ impl Server {
             .map(|runtime| Arc::new(Reloader::new(runtime, self.tenants.clone())));
         // Everything that answers from outside is ready before the first
         // datagram is served.
-        let _watcher = match (&reloader, self.operations.watch) {
-            (Some(reloader), true) => Some(crate::watch::spawn(
-                reloader.clone(),
-                &tasks,
-                stop.child_token(),
-            )?),
-            _ => None,
-        };
+        if let (Some(reloader), true) = (&reloader, self.operations.watch) {
+            crate::watch::spawn(reloader.clone(), &tasks, stop.child_token())?;
+        }
         if let (Some(reloader), true) = (&reloader, self.operations.reload_on_sighup) {
             let mut hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
             let (reloader, stop) = (reloader.clone(), stop.child_token());

@@ -6,7 +6,7 @@
 //! for [`DEBOUNCE`]. Every reload validates the new bytes, so a half-written
 //! file is never swapped in.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::plugin::PluginSource;
 use crate::reload::Reloader;
 
 /// How long a plugin file must stay unchanged before it is reloaded.
@@ -30,25 +29,19 @@ pub const DEBOUNCE: Duration = Duration::from_millis(250);
 pub const SETTLE: Duration = Duration::from_millis(5);
 
 /// Starts watching every listener's plugin file, reloading on `tasks` until
-/// `stop`. Keep the returned watcher alive for as long as watching should
-/// go on.
+/// `stop`. The watcher follows what each listener runs: after a `reload
+/// --plugin`, the new file is watched (or none, for a built-in) and the
+/// old one no longer, so a later write to it cannot undo the choice.
 ///
 /// # Errors
 ///
-/// The operating system refuses to watch a folder.
+/// The operating system refuses to watch a folder at start.
 pub fn spawn(
     reloader: Arc<Reloader>,
     tasks: &TaskTracker,
     stop: CancellationToken,
-) -> anyhow::Result<notify::RecommendedWatcher> {
-    let files: Vec<(String, PathBuf)> = reloader
-        .watched_files()
-        .into_iter()
-        .map(|(listener, path)| (listener, std::path::absolute(&path).unwrap_or(path)))
-        .collect();
-    if files.is_empty() {
-        tracing::warn!("--watch: no listener runs a plugin file (built-in plugins never change)");
-    }
+) -> anyhow::Result<()> {
+    let mut sources = reloader.follow();
     let (changed, mut changes) = mpsc::unbounded_channel::<(PathBuf, Duration)>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
@@ -62,49 +55,86 @@ pub fn spawn(
         }
     })
     .context("starting the file watcher")?;
-    let mut folders: Vec<&Path> = files.iter().filter_map(|(_, path)| path.parent()).collect();
-    folders.sort();
-    folders.dedup();
-    for folder in folders {
-        watcher
-            .watch(folder, RecursiveMode::NonRecursive)
-            .with_context(|| format!("watching {}", folder.display()))?;
-        tracing::info!("watching {} for plugin changes", folder.display());
+    let mut files = reloader.watched_files();
+    if files.is_empty() {
+        tracing::warn!("--watch: no listener runs a plugin file (built-in plugins never change)");
     }
+    let mut folders = BTreeSet::new();
+    follow(&mut watcher, &mut folders, &files)?;
 
     tasks.spawn(async move {
-        let mut due: HashMap<String, Instant> = HashMap::new();
+        // Listener -> (the file that changed, when to reload it).
+        let mut due: HashMap<String, (PathBuf, Instant)> = HashMap::new();
         loop {
-            let next = due.values().min().copied();
+            let next = due.values().map(|(_, at)| *at).min();
             tokio::select! {
                 () = stop.cancelled() => break,
+                moved = sources.changed() => {
+                    if moved.is_err() { break }
+                    files = reloader.watched_files();
+                    if let Err(error) = follow(&mut watcher, &mut folders, &files) {
+                        tracing::warn!("--watch: {error:#}");
+                    }
+                    due.retain(|listener, (path, _)| files.contains(&(listener.clone(), path.clone())));
+                }
                 change = changes.recv() => {
                     let Some((path, wait)) = change else { break };
-                    for (listener, _) in files.iter().filter(|(_, file)| *file == path) {
-                        due.insert(listener.clone(), Instant::now() + wait);
+                    for (listener, file) in files.iter().filter(|(_, file)| *file == path) {
+                        due.insert(listener.clone(), (file.clone(), Instant::now() + wait));
                     }
                 }
                 () = sleep_until(next) => {
                     let now = Instant::now();
-                    let ready: Vec<String> =
-                        due.iter().filter(|(_, at)| **at <= now).map(|(listener, _)| listener.clone()).collect();
+                    let ready: Vec<String> = due
+                        .iter()
+                        .filter(|(_, (_, at))| *at <= now)
+                        .map(|(listener, _)| listener.clone())
+                        .collect();
                     for listener in ready {
                         due.remove(&listener);
-                        // The watched file, even if a `reload --plugin` has
-                        // pointed the listener elsewhere since.
-                        let file = files
-                            .iter()
-                            .find(|(name, _)| *name == listener)
-                            .map(|(_, file)| PluginSource::File(file.clone()));
-                        if let Err(error) = reloader.reload(Some(&listener), file.as_ref()).await {
+                        // From the source it runs: the file that changed,
+                        // as only the listeners running it were due.
+                        if let Err(error) = reloader.reload(Some(&listener), None).await {
                             tracing::warn!(listener, "reload after a file change failed, nothing changed: {error}");
                         }
                     }
                 }
             }
         }
+        drop(watcher);
     });
-    Ok(watcher)
+    Ok(())
+}
+
+/// Watches the folders of `files` and no others (`watched` holds the ones
+/// watched so far), and says which file each listener follows.
+///
+/// # Errors
+///
+/// The operating system refuses to watch a folder.
+fn follow(
+    watcher: &mut notify::RecommendedWatcher,
+    watched: &mut BTreeSet<PathBuf>,
+    files: &[(String, PathBuf)],
+) -> anyhow::Result<()> {
+    let wanted: BTreeSet<PathBuf> = files
+        .iter()
+        .filter_map(|(_, path)| path.parent().map(Path::to_owned))
+        .collect();
+    for gone in watched.difference(&wanted) {
+        let _ = watcher.unwatch(gone);
+    }
+    watched.retain(|folder| wanted.contains(folder));
+    for folder in wanted.difference(&watched.clone()) {
+        watcher
+            .watch(folder, RecursiveMode::NonRecursive)
+            .with_context(|| format!("watching {}", folder.display()))?;
+        watched.insert(folder.clone());
+    }
+    for (listener, file) in files {
+        tracing::info!(listener, "watching {} for plugin changes", file.display());
+    }
+    Ok(())
 }
 
 /// Sleeps until `at`, or forever when nothing is due.

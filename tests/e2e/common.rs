@@ -193,18 +193,26 @@ impl Server {
             .filter(|flag| args.contains(flag))
             .count()
             .max(1);
-        Self::spawn(args, expected, Some(runtime))
+        Self::spawn(args, expected, &[("XDG_RUNTIME_DIR", runtime.as_os_str())])
+    }
+
+    /// Like [`Server::with_args`], with environment variables `env` set
+    /// (such as `WASM_ECHO_LOG`), waiting for `lines` `listening` lines.
+    pub fn with_env(env: &[(&str, &str)], args: &[&str], lines: usize) -> Self {
+        let env: Vec<(&str, &std::ffi::OsStr)> = env
+            .iter()
+            .map(|(key, value)| (*key, std::ffi::OsStr::new(*value)))
+            .collect();
+        Self::spawn(args, lines, &env)
     }
 
     fn expecting(args: &[&str], expected: usize) -> Self {
-        Self::spawn(args, expected, None)
+        Self::spawn(args, expected, &[])
     }
 
-    fn spawn(args: &[&str], expected: usize, runtime: Option<&std::path::Path>) -> Self {
+    fn spawn(args: &[&str], expected: usize, env: &[(&str, &std::ffi::OsStr)]) -> Self {
         let mut command = Command::new(BIN);
-        if let Some(runtime) = runtime {
-            command.env("XDG_RUNTIME_DIR", runtime);
-        }
+        command.envs(env.iter().copied());
         let mut child = command
             .arg("serve")
             .args(args)

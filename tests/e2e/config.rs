@@ -51,7 +51,12 @@ fn a_bad_address_is_named() {
         "{}[listeners.b-bad]\nplugin = \"echo\"\nudp = \"localhost\"\n",
         good(addr)
     );
-    assert_refused(&toml, "listeners.b-bad.udp", "invalid socket address", addr);
+    assert_refused(
+        &toml,
+        "listeners.b-bad.udp",
+        "is not an IP address and port",
+        addr,
+    );
 }
 
 #[test]
@@ -107,7 +112,12 @@ fn a_limit_out_of_range_is_refused() {
     let addr = free_port();
     for (key, value, reason) in [
         ("call-timeout", "\"2m\"", "2m is out of range (1ms to 1m)"),
-        ("memory-limit", "\"1KiB\"", "1024 is out of range"),
+        // Sizes in the units they are written in.
+        (
+            "memory-limit",
+            "\"1KiB\"",
+            "1KiB is out of range (1MiB to 4GiB)",
+        ),
         ("udp-amplification", "0", "0 is out of range (1 to 1000)"),
         ("max-connections", "0", "0 is out of range"),
         ("write-timeout", "\"2h\"", "2h is out of range (10ms to 1h)"),
@@ -116,7 +126,7 @@ fn a_limit_out_of_range_is_refused() {
         (
             "log-bytes-rate",
             "\"1KiB\"",
-            "1024 is out of range (4096 to 1073741824)",
+            "1KiB is out of range (4KiB to 1GiB)",
         ),
     ] {
         let toml = format!(
@@ -137,11 +147,34 @@ fn a_listener_needs_an_address_and_a_file_needs_a_listener() {
         "needs `udp`, `tcp` or both",
         addr,
     );
-    let path = scratch_file("empty.toml", b"grace = \"1s\"\n");
-    let output = run(&["serve", "--config", path.to_str().expect("utf-8 path")]);
+    // Issue 20: an empty file said `missing field `listeners``.
+    for text in ["grace = \"1s\"\n", ""] {
+        let path = scratch_file("empty.toml", text.as_bytes());
+        let output = run(&["serve", "--config", path.to_str().expect("utf-8 path")]);
+        one_line_error(&output, &["no listeners: add a [listeners.NAME] table"]);
+    }
+}
+
+/// Regression test for issue 20: `udp = "localhost:0"` (and `--udp
+/// localhost:0`) was refused as "invalid socket address syntax", without
+/// saying that host names are what is not accepted.
+#[test]
+fn a_host_name_is_refused_with_the_reason() {
+    let addr = free_port();
+    let toml = format!(
+        "{}[listeners.b-bad]\nplugin = \"echo\"\nudp = \"localhost:0\"\n",
+        good(addr)
+    );
+    assert_refused(
+        &toml,
+        "listeners.b-bad.udp",
+        "`localhost:0`: host names are not accepted, give an IP address (e.g. 127.0.0.1:0",
+        addr,
+    );
+    let output = run(&["serve", "--tcp", "localhost:0"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("missing field `listeners`"), "{stderr}");
+    assert!(stderr.contains("host names are not accepted"), "{stderr}");
 }
 
 /// The shipped example serves what it says: `greeter` greets over UDP and

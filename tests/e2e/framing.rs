@@ -124,7 +124,9 @@ fn a_truncated_frame_is_a_protocol_error() {
         .shutdown(std::net::Shutdown::Write)
         .expect("half-close");
     assert!(tcp_read_to_end(&mut stream).is_empty());
-    server.wait_for_log("connection closed in the middle of a frame (3 bytes of it undelivered)");
+    server.wait_for_log(
+        "connection closed in the middle of a frame (3 of its 10 bytes arrived, 7 missing)",
+    );
 }
 
 #[test]
@@ -151,4 +153,26 @@ fn hello_exit_works_in_every_mode() {
         .shutdown(std::net::Shutdown::Write)
         .expect("half-close");
     assert!(server.wait_exit().success());
+}
+
+/// Regression test for issue 20: `wasm-echo client tcp` sent and read raw
+/// bytes only, so against a `lines` or `length-prefixed` listener (the
+/// example configuration's `mirror`) it waited out its timeout. With the
+/// listener's `--framing` it frames its message and its `exit`, and prints
+/// the reply without its framing.
+#[test]
+fn the_client_speaks_each_framing() {
+    for mode in ["lines", "length-prefixed"] {
+        let mut server = Server::with_args(&["--tcp", "127.0.0.1:0", "--framing", mode]);
+        let addr = server.tcp().to_string();
+        let output = crate::common::run(&["client", "tcp", &addr, "--framing", mode]);
+        assert!(output.status.success(), "{mode}: {output:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "hello, tcp client!\n",
+            "{mode}"
+        );
+        // Its framed `exit` stopped the listener.
+        assert!(server.wait_exit().success(), "{mode}");
+    }
 }

@@ -307,3 +307,103 @@ fn json_logs_carry_plugin_text_escaped_the_same_way() {
         "{messages:?}"
     );
 }
+
+/// Regression test for issue 20: `WASM_ECHO_LOG=debug` printed about 9,500
+/// lines in its first second, nearly all Cranelift's (`cranelift_codegen::
+/// timing`). A bare `debug` is for wasm-echo and its plugins; a library's
+/// own lines still come when a directive names it.
+#[test]
+fn wasm_echo_log_debug_is_for_the_host_not_the_compiler() {
+    let args = ["--plugin", "echo", "--udp", "127.0.0.1:0"];
+    let server = Server::with_env(&[("WASM_ECHO_LOG", "debug")], &args, 1);
+    let log = server.wait_for_log("serving");
+    assert!(
+        log.contains(" DEBUG wasm_echo::plugin::runtime: compiled built-in plugin `echo`"),
+        "no host debug line:\n{}",
+        tail(&log)
+    );
+    let foreign: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("DEBUG") || line.contains("TRACE"))
+        .filter(|line| !line.contains(" wasm_echo::") && !line.contains(" plugin:"))
+        .take(3)
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "debug lines of other crates: {foreign:#?}"
+    );
+    drop(server);
+
+    let named = Server::with_env(
+        &[("WASM_ECHO_LOG", "debug,cranelift_codegen=debug")],
+        &args,
+        1,
+    );
+    wait_until(
+        &named,
+        "Cranelift's debug lines, asked for by name",
+        |log| log.contains(" DEBUG cranelift_codegen"),
+    );
+}
+
+/// Regression test for issue 20: the README's `WASM_ECHO_LOG=plugin=warn`
+/// hid every host line, the host's own warnings (`datagram dropped: plugin
+/// trapped`) included. It quiets the plugins' info lines, and only them.
+#[test]
+fn wasm_echo_log_plugin_warn_keeps_the_host_warnings() {
+    let toml = format!(
+        "{}\n[listeners.trap]\nplugin = \"{}\"\nudp = \"127.0.0.1:0\"\n",
+        hostile(
+            "chatty",
+            "udp",
+            "plugin-config = { behaviour = \"forge-log\", text = \"quiet words\" }"
+        ),
+        plugins::TRAP
+    );
+    let path = scratch_file("quiet.toml", toml.as_bytes());
+    let server = Server::with_env(
+        &[("WASM_ECHO_LOG", "plugin=warn")],
+        &["--config", path.to_str().expect("utf-8 path")],
+        2,
+    );
+    // Its log call (a warning), stdout and stderr (info) come before its reply.
+    assert_eq!(udp_ask(&udp_client(server.udp_of("chatty")), b"hi"), b"hi");
+    udp_client(server.udp_of("trap"))
+        .send(b"panic")
+        .expect("send");
+    let log = server.wait_for_log("datagram dropped: plugin trapped");
+    let said = |what: &str| log.lines().filter(|line| line.contains(what)).count();
+    assert_eq!(
+        said("quiet words"),
+        1,
+        "only the log call's warning:\n{log}"
+    );
+    assert_eq!(said("WARN plugin: quiet words"), 1, "{log}");
+    assert_eq!(said("INFO plugin"), 0, "plugin info lines:\n{log}");
+    assert!(
+        log.contains(" INFO wasm_echo::server: serving"),
+        "host info lines:\n{log}"
+    );
+}
+
+/// Regression test for issue 20: a Rust plugin's panic became four `info`
+/// lines (an empty one, `thread ... panicked at`, the message and the note
+/// about `RUST_BACKTRACE`). It is one warning with the message on it.
+#[test]
+fn a_guest_panic_is_one_warning_line() {
+    let server = Server::with_args(&["--plugin", plugins::TRAP, "--udp", "127.0.0.1:0"]);
+    udp_client(server.udp()).send(b"panic").expect("send");
+    let log = server.wait_for_log("datagram dropped: plugin trapped");
+    let plugin: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains(" plugin:"))
+        .collect();
+    assert_eq!(plugin.len(), 1, "{log}");
+    assert!(
+        plugin[0].contains(" WARN plugin: thread '")
+            && plugin[0].contains(" panicked at trap/src/lib.rs:")
+            && plugin[0].contains(": asked to panic listener=\"main\""),
+        "{log}"
+    );
+    assert!(!log.contains("RUST_BACKTRACE"), "{log}");
+}

@@ -382,3 +382,122 @@ fn reload_errors_are_one_line() {
     assert_eq!(udp_ask(&udp_client(server.udp()), b"same"), b"same");
     server.wait_for_log("reload failed, nothing changed");
 }
+
+/// Regression test for issue 20: on a server started with `--watch`, a
+/// `reload --plugin` was silently undone by the next write to the file the
+/// server started with, which the watcher kept watching. The watcher
+/// follows what a listener runs: the answer says so, a write to the old
+/// file changes nothing, and a write to the new one is picked up.
+#[test]
+fn a_manual_reload_moves_what_is_watched() {
+    let control = control_path();
+    let first = plugin_file(plugins::ECHO);
+    let server = Server::with_args(&[
+        "--plugin",
+        first.to_str().expect("utf-8 path"),
+        "--udp",
+        "127.0.0.1:0",
+        "--control",
+        control.to_str().expect("utf-8 path"),
+        "--watch",
+    ]);
+    server.wait_for_log("watching");
+    let output = reload(&control, &["--plugin", "counter"]);
+    assert!(output.status.success(), "{output:?}");
+    let answer = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        answer.contains("-> counter@")
+            && answer.contains("; now watching no file (`counter` is built in)"),
+        "{answer}"
+    );
+    // The old file changes: nothing is reloaded from it.
+    let staged = first.with_file_name("staged.wasm");
+    std::fs::copy(plugins::HELLO, &staged).expect("stage");
+    std::fs::rename(&staged, &first).expect("rename over the old file");
+
+    let second = scratch_file("second.wasm", &std::fs::read(plugins::ECHO).expect("echo"));
+    let output = reload(
+        &control,
+        &["--plugin", second.to_str().expect("utf-8 path")],
+    );
+    let answer = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        answer.contains("counter@")
+            && answer.contains("-> second@")
+            && answer.contains(&format!("; now watching {}", second.display())),
+        "{answer}"
+    );
+    let socket = udp_client(server.udp());
+    assert_eq!(udp_ask(&socket, b"hi"), b"hi");
+    // The new file changes: it is reloaded.
+    let staged = second.with_file_name("staged.wasm");
+    std::fs::copy(plugins::HELLO, &staged).expect("stage");
+    std::fs::rename(&staged, &second).expect("rename over the new file");
+    common::poll_until("the new file's change to be served", || {
+        (udp_ask(&socket, b"hi") == GREETING_UDP).then_some(())
+    });
+    // The old file's change came first, so it would have been seen by now.
+    let log = server.stderr();
+    let swaps: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("reloaded: listener `main`"))
+        .collect();
+    assert_eq!(swaps.len(), 3, "counter, second, second again:\n{log}");
+    assert!(
+        !log.contains("-> plugin@"),
+        "the old file was reloaded:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("watching {} for plugin changes", second.display())),
+        "{log}"
+    );
+}
+
+/// Regression test for issue 20: a SIGHUP that found every file unchanged
+/// was counted as a successful reload (`result="ok"`, and `status`'s
+/// RELOADS column), as if a new version had come. It counts as
+/// `unchanged`, and `status` counts only swaps and failures.
+#[test]
+fn an_unchanged_reload_is_counted_as_unchanged() {
+    let control = control_path();
+    let file = plugin_file(plugins::ECHO);
+    let server = Server::with_args(&[
+        "--plugin",
+        file.to_str().expect("utf-8 path"),
+        "--udp",
+        "127.0.0.1:0",
+        "--control",
+        control.to_str().expect("utf-8 path"),
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let metrics = server.metrics.expect("serving metrics");
+    send_signal(server.pid(), "HUP");
+    let reloads = |result: &str| {
+        crate::metrics::value(
+            &crate::metrics::scrape(metrics),
+            "wasm_echo_reloads_total",
+            &[("listener", "main"), ("result", result)],
+        )
+        .unwrap_or(0.0)
+    };
+    common::poll_until("the SIGHUP's reload to be counted", || {
+        (reloads("unchanged") > 0.0).then_some(())
+    });
+    assert_eq!(reloads("unchanged"), 1.0);
+    assert_eq!(reloads("ok"), 0.0);
+    server.wait_for_log(" unchanged");
+    // A real swap still counts as ok.
+    std::fs::copy(plugins::HELLO, &file).expect("replace the plugin");
+    let output = reload(&control, &[]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(reloads("ok"), 1.0);
+    assert_eq!(reloads("unchanged"), 1.0);
+    let status = common::run(&["status", &metrics.to_string(), "--interval", "10ms"]);
+    let table = String::from_utf8_lossy(&status.stdout);
+    let row = table
+        .lines()
+        .find(|line| line.starts_with("main "))
+        .unwrap_or_else(|| panic!("no row for main:\n{table}"));
+    assert!(row.ends_with(" 1/0"), "RELOADS is swaps/failures:\n{table}");
+}

@@ -209,7 +209,7 @@ fn plugin_files_are_read_up_to_a_size_limit() {
     assert!(!output.status.success());
     let error = String::from_utf8_lossy(&output.stderr);
     assert!(
-        error.contains("1024 is out of range (1048576 to 4294967296)"),
+        error.contains("1KiB is out of range (1MiB to 4GiB)"),
         "{error}"
     );
 }

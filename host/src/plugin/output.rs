@@ -242,6 +242,8 @@ impl StdoutStream for GuestOutput {
             stream: self.stream,
             line: Vec::new(),
             length: 0,
+            panic: None,
+            blank: false,
         })
     }
 }
@@ -258,21 +260,104 @@ struct LineLogger {
     line: Vec<u8>,
     /// The current line's length so far, kept or not.
     length: usize,
+    /// A Rust panic's report being gathered (its lines so far, their
+    /// length kept or not, how many): it becomes one warning, not a handful of
+    /// `info` lines, when its closing note comes or the stream goes.
+    panic: Option<(String, usize, usize)>,
+    /// An empty line held back: a Rust panic's report starts with one,
+    /// which is dropped if a report follows.
+    blank: bool,
 }
+
+/// How a Rust panic's report on stderr starts (`thread '<unnamed>'
+/// panicked at src/lib.rs:26:21:`, with the thread's id in newer Rusts).
+fn is_panic_header(line: &str) -> bool {
+    line.starts_with("thread '") && line.contains(" panicked at ")
+}
+
+/// How a Rust panic's report ends, backtraces being out of reach (a plugin
+/// has no environment to set `RUST_BACKTRACE` in).
+const PANIC_NOTE: &str = "note: run with `RUST_BACKTRACE=1`";
 
 impl LineLogger {
     fn emit(&mut self) {
-        let text = String::from_utf8_lossy(&self.line);
+        let text = String::from_utf8_lossy(&self.line).into_owned();
         let (text, length) = match text.strip_suffix('\r') {
             Some(text) if self.length == self.line.len() => (text, self.length - 1),
             _ => (&*text, self.length),
         };
+        self.route(text, length);
+        self.line.clear();
+        self.length = 0;
+    }
+
+    /// Logs a whole line, unless it belongs to a panic's report.
+    fn route(&mut self, text: &str, length: usize) {
+        if let Some((report, total, lines)) = &mut self.panic {
+            if text.starts_with(PANIC_NOTE) {
+                self.finish_panic();
+                return;
+            }
+            // The header and the message's first line read as one
+            // sentence; later lines stay apart, as escaped `\n`s.
+            report.push(if *lines == 1 { ' ' } else { '\n' });
+            let mut room = MAX_LINE.saturating_sub(report.len()).min(text.len());
+            while !text.is_char_boundary(room) {
+                room -= 1;
+            }
+            report.push_str(&text[..room]);
+            *total = total.saturating_add(1 + length);
+            *lines += 1;
+            return;
+        }
+        if is_panic_header(text) {
+            self.blank = false;
+            self.panic = Some((text.to_owned(), length, 1));
+            return;
+        }
+        if std::mem::take(&mut self.blank) {
+            self.log("");
+        }
+        if text.is_empty() {
+            self.blank = true;
+            return;
+        }
+        self.log_cut(text, length);
+    }
+
+    fn log(&self, text: &str) {
+        self.log_cut(text, text.len());
+    }
+
+    /// Logs `text`, the kept start of a line of `length` bytes.
+    fn log_cut(&self, text: &str, length: usize) {
         if let Some(text) = self.settings.log_budget.admit(text, length) {
             let (tenant, plugin) = (&*self.settings.tenant, &*self.plugin);
             tracing::info!(target: "plugin", listener = tenant, plugin, stream = self.stream, "{text}");
         }
-        self.line.clear();
-        self.length = 0;
+    }
+
+    /// Logs the panic's report gathered so far as one warning.
+    fn finish_panic(&mut self) {
+        let Some((report, total, _)) = self.panic.take() else {
+            return;
+        };
+        if let Some(text) = self.settings.log_budget.admit(&report, total) {
+            let (tenant, plugin) = (&*self.settings.tenant, &*self.plugin);
+            tracing::warn!(target: "plugin", listener = tenant, plugin, stream = self.stream, "{text}");
+        }
+    }
+
+    /// Logs whatever is held: a last line without its newline, a panic's
+    /// report without its note, an empty line.
+    fn finish(&mut self) {
+        if self.length > 0 {
+            self.emit();
+        }
+        self.finish_panic();
+        if std::mem::take(&mut self.blank) {
+            self.log("");
+        }
     }
 
     /// Adds `bytes` (no newline among them) to the current line.
@@ -305,9 +390,7 @@ impl AsyncWrite for LineLogger {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.length > 0 {
-            self.emit();
-        }
+        self.finish();
         Poll::Ready(Ok(()))
     }
 }
@@ -316,9 +399,7 @@ impl Drop for LineLogger {
     /// The last line of a guest that ended without a newline (or trapped
     /// halfway through one) is logged too.
     fn drop(&mut self) {
-        if self.length > 0 {
-            self.emit();
-        }
+        self.finish();
     }
 }
 

@@ -270,11 +270,17 @@ impl Runtime {
                 plugin: source.clone(),
             });
         }
+        let compiling = std::time::Instant::now();
         let component = Component::new(&self.engine, &bytes).map_err(|e| LoadError::Compile {
             plugin: source.clone(),
             reason: one_line(&e),
             source: e.into(),
         })?;
+        tracing::debug!(
+            "compiled {source} ({} bytes) in {:.1?}",
+            bytes.len(),
+            compiling.elapsed()
+        );
 
         let ty = component.component_type();
         let exports: Vec<&str> = ty.exports(&self.engine).map(|(name, _)| name).collect();
