@@ -78,6 +78,7 @@ pub fn listener_config(plugin: &str, connections: usize) -> anyhow::Result<Serve
         },
         honor_stop: false,
         on_failure: FailurePolicy::default(),
+        record: None,
     };
     Ok(ServerConfig {
         origin: Origin::Flags,
