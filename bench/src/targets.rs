@@ -107,7 +107,8 @@ pub async fn start(kind: Kind, plugin: &str, connections: usize) -> anyhow::Resu
     }
 }
 
-fn addrs_of(server: &Server) -> anyhow::Result<Addrs> {
+/// Where `server` listens.
+pub fn addrs_of(server: &Server) -> anyhow::Result<Addrs> {
     let find = |protocol: Protocol| {
         server
             .local_addrs()
