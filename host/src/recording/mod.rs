@@ -388,12 +388,10 @@ mod tests {
                 next: Next::CarryOn,
             },
         };
-        let started = std::time::Instant::now();
+        // Nothing reads the queue: had `record` waited, this would hang.
         for _ in 0..1000 {
             recorder.record(record());
         }
-        // Nothing reads the queue: had `record` waited, this would hang.
-        assert!(started.elapsed() < Duration::from_secs(60));
         assert!(
             recorder
                 .sender
