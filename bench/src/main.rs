@@ -18,6 +18,7 @@ mod hostile;
 mod load;
 mod memory;
 mod plugin;
+mod record;
 mod reload;
 mod report;
 mod targets;
@@ -59,7 +60,8 @@ struct Cli {
     /// Run only the parts named (for profiling): udp-ping, udp-flood,
     /// tcp-ping, tcp-stream, tcp-churn, memory, plugin, reload (hot-reload
     /// latency and throughput during swaps), hostile (a good tenant's
-    /// latency beside each hostile one; run only when named). Repeatable.
+    /// latency beside each hostile one; run only when named), record (p99
+    /// with recording on and off; run only when named). Repeatable.
     #[arg(long, value_name = "PART")]
     only: Vec<String>,
     #[command(subcommand)]
@@ -206,6 +208,16 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         None
     };
 
+    let recording = if cli.only.iter().any(|only| only == "record") {
+        Some(record::measure(
+            &servers,
+            &clients,
+            record::Sizes::new(cli.quick),
+        )?)
+    } else {
+        None
+    };
+
     let workloads: Vec<Workload> = Workload::ALL
         .into_iter()
         .filter(|workload| wanted(workload.part()))
@@ -244,6 +256,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     }
     if let Some(hostile) = &hostile {
         hostile::print(hostile);
+    }
+    if let Some(recording) = &recording {
+        record::print(recording);
     }
     println!();
     println!(

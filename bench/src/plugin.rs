@@ -69,6 +69,7 @@ fn settings() -> Arc<InstanceSettings> {
         tenant,
         config: Default::default(),
         limits: Limits::default(),
+        clocks: Default::default(),
     })
 }
 

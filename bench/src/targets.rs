@@ -78,6 +78,7 @@ pub fn listener_config(plugin: &str, connections: usize) -> anyhow::Result<Serve
         },
         honor_stop: false,
         on_failure: FailurePolicy::default(),
+        record: None,
     };
     Ok(ServerConfig {
         origin: Origin::Flags,
@@ -106,7 +107,8 @@ pub async fn start(kind: Kind, plugin: &str, connections: usize) -> anyhow::Resu
     }
 }
 
-fn addrs_of(server: &Server) -> anyhow::Result<Addrs> {
+/// Where `server` listens.
+pub fn addrs_of(server: &Server) -> anyhow::Result<Addrs> {
     let find = |protocol: Protocol| {
         server
             .local_addrs()

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use crate::plugin::{
-    Instance, InstanceSettings, Limits, LogBudget, PluginConfig, PluginSource, Runtime,
+    Clocks, Instance, InstanceSettings, Limits, LogBudget, PluginConfig, PluginSource, Runtime,
 };
 
 /// Checks `source` and returns the report to print.
@@ -26,6 +26,7 @@ pub async fn check(runtime: &Runtime, source: &PluginSource) -> anyhow::Result<S
         tenant,
         config: PluginConfig::new(),
         limits: Limits::default(),
+        clocks: Clocks::Real,
     };
     Instance::new(&plugin, Arc::new(settings))
         .await

@@ -50,6 +50,40 @@ enum Command {
     /// Create a plugin project in Rust, Python, JavaScript or C that builds
     /// (with its build.sh) and passes `check` as it is.
     New(NewArgs),
+    /// Replay a recording (serve --record) into a plugin, in process and
+    /// without sockets, and compare its replies with the recorded ones;
+    /// exit status 1 when more than --max-diff differ.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    /// The recording's files, oldest first (rotated ones: FILE.2 FILE.1
+    /// FILE).
+    #[arg(value_name = "RECORDING", required = true)]
+    recordings: Vec<PathBuf>,
+    /// The new version: a built-in's name or a .wasm component's path.
+    #[arg(long, value_name = "NAME|PATH")]
+    plugin: String,
+    /// The version that was recorded (or any reference): exchanges it does
+    /// not reproduce either (a time, a random value in the reply) are
+    /// reported as noisy, not as differences.
+    #[arg(long, value_name = "NAME|PATH")]
+    baseline: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Exit with status 1 when more exchanges than this differ (noisy ones
+    /// do not count).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    max_diff: usize,
+    /// How many differences to show per listener.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    examples: usize,
+    /// A setting the plugin reads with `get-config`, over the recorded
+    /// ones (repeatable).
+    #[arg(long = "plugin-config", value_name = "KEY=VALUE", value_parser = parse_setting)]
+    settings: Vec<(String, String)>,
 }
 
 #[derive(Debug, Args)]
@@ -58,7 +92,7 @@ struct ServeArgs {
     /// wasm-echo.example.toml) instead of one plugin given by flags.
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "plugin", "udp", "tcp", "settings", "call_timeout", "memory_limit", "framing", "max_message", "grace",
-        "max_plugin_size",
+        "max_plugin_size", "record", "record_max_size", "record_sample",
     ])]
     config: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free
@@ -122,6 +156,19 @@ struct ServeArgs {
     /// refused unread [default: 128MiB].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     max_plugin_size: Option<usize>,
+    /// Record every exchange (datagrams, TCP messages, the plugin's
+    /// decisions) to this file, as JSON lines, for `wasm-echo replay`;
+    /// mode 0600, rotated at --record-max-size.
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
+    /// Rotate the recording to FILE.1 when it reaches this size (4 older
+    /// files are kept) [default: 64MiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "record")]
+    record_max_size: Option<usize>,
+    /// Record only this share of datagrams and TCP connections, above 0 and
+    /// up to 1 [default: 1].
+    #[arg(long, value_name = "RATE", requires = "record")]
+    record_sample: Option<f64>,
 }
 
 impl ServeArgs {
@@ -144,6 +191,9 @@ impl ServeArgs {
             max_message: self.max_message,
             call_timeout: self.call_timeout,
             memory_limit: self.memory_limit,
+            record: self.record,
+            record_max_size: self.record_max_size,
+            record_sample: self.record_sample,
             ..RawListener::default()
         };
         RawConfig {
@@ -275,6 +325,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Command::New(args) => new(args.lang, &args.name, args.dir.as_deref()),
+            Command::Replay(args) => replay(args).await,
         }
     });
     // Dropping the runtime would wait for every task and blocking thread;
@@ -426,6 +477,36 @@ async fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `wasm-echo replay`: replays, prints the report, and gates on
+/// `--max-diff`.
+async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let options = crate::replay::Options {
+        recordings: args.recordings,
+        plugin: PluginSource::parse(&args.plugin)?,
+        baseline: args
+            .baseline
+            .as_deref()
+            .map(PluginSource::parse)
+            .transpose()?,
+        settings: args.settings,
+        examples: args.examples,
+    };
+    let report = crate::replay::replay(&options).await?;
+    if args.json {
+        say(format_args!(
+            "{}\n",
+            crate::replay::report::json(&report, args.max_diff)
+        ))?;
+    } else {
+        say(crate::replay::report::text(&report, args.max_diff))?;
+    }
+    Ok(if report.regressions() > args.max_diff {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// `wasm-echo new`: creates the project and says what to do next.

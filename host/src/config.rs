@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 use crate::framing::{DEFAULT_MAX_MESSAGE, Framing};
 use crate::plugin::{Limits, LogBudget, PluginConfig, PluginSource, PoolSize};
+use crate::recording::RecordSettings;
 
 /// A whole server's configuration, resolved and checked.
 #[derive(Clone, Debug)]
@@ -60,6 +61,8 @@ pub struct ListenerConfig {
     pub honor_stop: bool,
     /// What a message gets when its plugin call fails.
     pub on_failure: FailurePolicy,
+    /// Where and how its traffic is recorded, if it is (`record`).
+    pub record: Option<RecordSettings>,
 }
 
 /// Bounds on a listener's traffic, so that no peer and no plugin can make a
@@ -217,6 +220,11 @@ pub struct RawListener {
     pub log_bytes_rate: Option<usize>,
     #[serde(default)]
     pub plugin_config: BTreeMap<String, String>,
+    pub record: Option<PathBuf>,
+    #[serde(default, deserialize_with = "size")]
+    pub record_max_size: Option<usize>,
+    pub record_keep: Option<usize>,
+    pub record_sample: Option<f64>,
 }
 
 /// The default grace period for open connections.
@@ -298,6 +306,23 @@ impl ServerConfig {
     ///
     /// A [`ConfigError`] naming both listeners.
     fn check(&self) -> Result<(), ConfigError> {
+        let mut recorded: Vec<(&Path, &str)> = Vec::new();
+        for listener in &self.listeners {
+            let Some(record) = &listener.record else {
+                continue;
+            };
+            if let Some((_, other)) = recorded.iter().find(|(path, _)| *path == record.path) {
+                return Err(self.origin.error(
+                    Some(&listener.name),
+                    "record",
+                    format!(
+                        "{} is also listener `{other}`'s recording; give each its own file",
+                        record.path.display()
+                    ),
+                ));
+            }
+            recorded.push((&record.path, &listener.name));
+        }
         let mut seen: Vec<(Protocol, SocketAddr, &str)> = Vec::new();
         for listener in &self.listeners {
             for (protocol, addr) in listener.sockets() {
@@ -572,7 +597,9 @@ impl RawListener {
                 LogBudget::MIN_BYTES_PER_SECOND as usize..=1 << 30,
             )? as u32,
         };
+        let record = self.resolve_record(origin, &name)?;
         Ok(ListenerConfig {
+            record,
             plugin,
             plugin_config: self.plugin_config,
             udp: self.udp,
@@ -589,6 +616,65 @@ impl RawListener {
             on_failure: self.on_failure.unwrap_or_default(),
             name,
         })
+    }
+}
+
+impl RawListener {
+    /// The `record*` keys: nothing unless `record` names a file; the other
+    /// keys without it are a mistake, not silently ignored.
+    fn resolve_record(
+        &self,
+        origin: &Origin,
+        name: &str,
+    ) -> Result<Option<RecordSettings>, ConfigError> {
+        let error = |field: &str, reason: String| origin.error(Some(name), field, reason);
+        let Some(path) = &self.record else {
+            let stray = [
+                ("record-max-size", self.record_max_size.is_some()),
+                ("record-keep", self.record_keep.is_some()),
+                ("record-sample", self.record_sample.is_some()),
+            ];
+            return match stray.iter().find(|(_, given)| *given) {
+                Some((key, _)) => Err(error(
+                    key,
+                    "has no effect without `record` (the file to record to)".to_owned(),
+                )),
+                None => Ok(None),
+            };
+        };
+        let max_size = in_range(
+            self.record_max_size
+                .map_or(RecordSettings::DEFAULT_MAX_SIZE, |size| size as u64),
+            4 << 10..=1 << 40,
+            |v| *v,
+        )
+        .map_err(|reason| error("record-max-size", reason))?;
+        let keep = in_range(
+            self.record_keep.unwrap_or(RecordSettings::DEFAULT_KEEP),
+            0..=1000,
+            |v| *v,
+        )
+        .map_err(|reason| error("record-keep", reason))?;
+        let sample = self.record_sample.unwrap_or(1.0);
+        if !(sample > 0.0 && sample <= 1.0) {
+            return Err(error(
+                "record-sample",
+                format!(
+                    "{sample} is out of range (above 0, up to 1: the share of exchanges recorded)"
+                ),
+            ));
+        }
+        let path = if path.is_relative() {
+            origin.base().join(path)
+        } else {
+            path.clone()
+        };
+        Ok(Some(RecordSettings {
+            path,
+            max_size,
+            keep,
+            sample,
+        }))
     }
 }
 

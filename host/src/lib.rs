@@ -11,7 +11,9 @@
 //! [`client`], [`check`] and [`scaffold`] (`new`) are the CLI's other verbs,
 //! and [`cli`] parses the command line. Files an operator names are read
 //! through [`input_file`], bounded in kind, size and time, and [`logging`]
-//! keeps the server's own log from ever holding it up.
+//! keeps the server's own log from ever holding it up. A tenant's traffic
+//! can be recorded ([`recording`]) and replayed into another plugin
+//! version, without sockets, to compare their decisions ([`replay`]).
 
 pub mod check;
 pub mod cli;
@@ -24,7 +26,9 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod plugin;
+pub mod recording;
 pub mod reload;
+pub mod replay;
 pub mod scaffold;
 pub mod server;
 pub mod status;

@@ -32,8 +32,12 @@ use crate::control::ControlSocket;
 use crate::listener;
 use crate::metrics::MetricsEndpoint;
 use crate::plugin::{Plugin, PluginSource, Runtime};
+use crate::recording::Recorder;
 use crate::reload::Reloader;
 use crate::tenant::{NativeHandler, Tenant};
+
+/// How long a shutdown waits for a recording's last records to be written.
+const RECORDING_FINISH: Duration = Duration::from_secs(2);
 
 /// The tutorial's port.
 pub const DEFAULT_PORT: u16 = 12345;
@@ -110,7 +114,25 @@ impl Server {
                     plugin
                 }
             };
-            tenants.push(Arc::new(Tenant::wasm(listener, plugin)));
+            let recorder = match &listener.record {
+                Some(record) => Some(
+                    Recorder::start(record, &listener.name, &listener.plugin_config).map_err(
+                        |error| {
+                            config.origin.error(
+                                Some(&listener.name),
+                                "record",
+                                format!("{error:#}"),
+                            )
+                        },
+                    )?,
+                ),
+                None => None,
+            };
+            let tenant = Tenant::wasm(listener, plugin);
+            tenants.push(Arc::new(match recorder {
+                Some(recorder) => tenant.recording(recorder),
+                None => tenant,
+            }));
         }
         let sockets = bind_sockets(&tenants).await?;
         let control = if operations.control_socket {
@@ -325,6 +347,9 @@ impl Server {
         tasks.wait().await;
         for tenant in &self.tenants {
             tenant.warnings().finish();
+            if let Some(recorder) = tenant.recorder() {
+                recorder.finish(RECORDING_FINISH).await;
+            }
         }
         Ok(())
     }

@@ -25,6 +25,8 @@ mod metrics;
 mod polyglot;
 /// Hot reloads: under load, on file changes, on SIGHUP, and failed ones.
 mod reload;
+/// Recording traffic and replaying it against another plugin version.
+mod replay;
 /// One configuration path for flags and files; one control socket a server.
 mod resolution;
 /// Bounds that hold whatever the guest does: blocked calls, piled-up

@@ -28,6 +28,9 @@
 //! - `sleep-on-close`: echoes, then blocks in `on-close` as `sleep` does;
 //! - `leak-handles`: makes WASI pollables and stream handles and never
 //!   drops them, far more than the host allows one instance.
+//! - `clock`: answers with the message, the wall clock, the monotonic
+//!   clock and a random number, which a replay must make the same every
+//!   time (and which no replay reproduces from a live recording).
 
 mod bindings {
     wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
@@ -118,6 +121,7 @@ fn misbehave(data: Vec<u8>) -> Decision {
             reply(data)
         }
         "sleep-on-close" => reply(data),
+        "clock" => reply(clock(&data).into_bytes()),
         "leak-handles" => {
             for _ in 0..200_000 {
                 std::mem::forget(wasi::clocks::monotonic_clock::subscribe_duration(1 << 40));
@@ -127,6 +131,21 @@ fn misbehave(data: Vec<u8>) -> Decision {
         }
         other => panic!("unknown behaviour `{other}`"),
     }
+}
+
+/// What `clock` answers: the message, both clocks in milliseconds and a
+/// random number.
+fn clock(data: &[u8]) -> String {
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let monotonic = wasi::clocks::monotonic_clock::now() / 1_000_000;
+    let random = wasi::random::random::get_random_u64();
+    format!(
+        "{} wall={wall} mono={monotonic} random={random}",
+        String::from_utf8_lossy(data)
+    )
 }
 
 /// Blocks for `sleep-ms` (default an hour) without running Wasm code: the

@@ -19,7 +19,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use crate::framing::{FrameError, Framed, MessageReader};
 use crate::metrics::{CloseReason, NoReply};
 use crate::plugin::{CallError, Connection, Decision, Next, endpoint};
+use crate::recording::{Event, Outcome, Record, Recorder};
 use crate::tenant::{Session, Tenant};
 
 /// The most of a connection's stream read (and handed to the plugin as one
@@ -103,6 +104,7 @@ pub async fn serve(
             stop: stop.clone(),
             hard_stop: Box::pin(hard_stop.clone().cancelled_owned()),
             _permit: permit,
+            recorded: tenant.recorder().and_then(Recorder::connection),
         };
         connections.spawn(connection.run());
     }
@@ -148,6 +150,9 @@ struct ConnectionTask {
     hard_stop: Pin<Box<WaitForCancellationFutureOwned>>,
     /// This connection's place under the tenant's `max-connections`.
     _permit: OwnedSemaphorePermit,
+    /// Its number in the tenant's recording, if it is recorded: a sampled
+    /// connection is recorded whole.
+    recorded: Option<u64>,
 }
 
 /// How a connection ended, for the log.
@@ -294,10 +299,17 @@ impl ConnectionTask {
             local: endpoint(local),
             framing: self.tenant.framing().into(),
         };
+        let started = self.recorded.map(|_| SystemTime::now());
         let opened = tokio::select! {
             () = &mut self.hard_stop => return End::Abandoned,
             opened = session.on_open(&conn, self.peer) => opened,
         };
+        let framing = self.tenant.framing();
+        self.record(session, started, &opened, &[], |conn| Event::Open {
+            conn,
+            local,
+            framing,
+        });
         let decision = match opened {
             Ok(decision) => decision,
             Err(error) => {
@@ -371,14 +383,45 @@ impl ConnectionTask {
             () = self.tenant.pace(self.peer.ip()) => {}
         }
         self.tenant.metrics().message_in(message.len());
+        let started = self.recorded.map(|_| SystemTime::now());
         let called = tokio::select! {
             () = &mut self.hard_stop => return Some(End::Abandoned),
             called = session.on_message(&message) => called,
         };
+        self.record(session, started, &called, &message, |conn| Event::Message {
+            conn,
+        });
         match called {
             Ok(decision) => self.carry_out(session, decision, Some(&message)).await,
             Err(error) => self.fail(session, &message, error).await,
         }
+    }
+
+    /// Records one exchange of this connection, if it is recorded (then
+    /// `started` is when the call began); `event` makes the record's event
+    /// from the connection's number.
+    fn record(
+        &self,
+        session: &Session,
+        started: Option<SystemTime>,
+        called: &Result<Decision, CallError>,
+        input: &[u8],
+        event: impl FnOnce(u64) -> Event,
+    ) {
+        let (Some(conn), Some(time), Some(recorder)) =
+            (self.recorded, started, self.tenant.recorder())
+        else {
+            return;
+        };
+        // Recording copies the message and the reply.
+        recorder.record(Record {
+            time,
+            event: event(conn),
+            peer: self.peer,
+            version: session.version(),
+            input: input.to_vec(),
+            outcome: Outcome::of(called),
+        });
     }
 
     /// A failed message: the connection closes, or, for a tenant that fails

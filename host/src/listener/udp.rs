@@ -14,7 +14,7 @@
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::datagrams::{Inbox, Outbox};
 use crate::metrics::NoReply;
 use crate::plugin::Next;
+use crate::recording::{Event, Outcome, Record};
 use crate::tenant::{Session, Tenant};
 
 /// The largest payload a UDP datagram can carry over IPv4.
@@ -259,6 +260,9 @@ async fn handle(
     {
         *session = None;
     }
+    // A datagram that meets a backing-off tenant reaches no plugin and is
+    // not recorded.
+    let recorder = tenant.recorder().filter(|recorder| recorder.sample());
     let live = match session {
         Some(live) => live,
         None if !tenant.may_instantiate() => {
@@ -276,6 +280,16 @@ async fn handle(
         None => match tenant.session().await {
             Ok(fresh) => session.insert(fresh),
             Err(error) => {
+                if let Some(recorder) = recorder {
+                    recorder.record(Record {
+                        time: SystemTime::now(),
+                        event: Event::Datagram,
+                        peer,
+                        version: tenant.version_label(),
+                        input: data.to_vec(),
+                        outcome: Outcome::failed(&error),
+                    });
+                }
                 tenant.record_failure();
                 fail(
                     outbox,
@@ -290,7 +304,20 @@ async fn handle(
             }
         },
     };
-    let decision = match live.on_datagram(peer, data).await {
+    // Recording copies the datagram and the reply; only sampled ones.
+    let started = recorder.map(|_| SystemTime::now());
+    let called = live.on_datagram(peer, data).await;
+    if let (Some(recorder), Some(time)) = (recorder, started) {
+        recorder.record(Record {
+            time,
+            event: Event::Datagram,
+            peer,
+            version: live.version(),
+            input: data.to_vec(),
+            outcome: Outcome::of(&called),
+        });
+    }
+    let decision = match called {
         Ok(decision) => decision,
         Err(error) => {
             let version = live.version();

@@ -8,8 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::SeedableRng as _;
+use rand::rngs::StdRng;
 
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, UpdateDeadline};
@@ -34,6 +38,10 @@ pub const MAX_HANDLES: usize = 1024;
 /// allocate that much at once; a seed or a nonce is a few dozen bytes.
 pub const MAX_RANDOM_BYTES: u64 = 64 << 10;
 
+/// Mixed into a replayed instance's seed for its insecure random source,
+/// so that it does not repeat the secure one's numbers.
+const INSECURE_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+
 /// A plugin's key/value settings, read through `host.get-config`.
 pub type PluginConfig = BTreeMap<String, String>;
 
@@ -50,6 +58,81 @@ pub struct InstanceSettings {
     pub limits: Limits,
     /// How many log lines, and bytes, the tenant's plugin may write.
     pub log_budget: LogBudget,
+    /// Whether the clocks and random sources are the machine's, or the
+    /// recorded ones of a replay.
+    pub clocks: Clocks,
+}
+
+/// The time and randomness an instance sees.
+#[derive(Clone, Debug, Default)]
+pub enum Clocks {
+    /// The machine's clocks (rounded to the millisecond) and random
+    /// sources: serving.
+    #[default]
+    Real,
+    /// A replay's: the clocks read what the replay sets before each call,
+    /// and the random sources are seeded, so the same plugin given the same
+    /// recording answers the same way every time.
+    Recorded(Arc<RecordedTime>),
+}
+
+/// The time a replayed call sees, set by the replay before each call, and
+/// the seeds its instances' random sources start from.
+#[derive(Debug, Default)]
+pub struct RecordedTime {
+    /// Wall-clock time, in nanoseconds since the Unix epoch.
+    wall_nanos: AtomicU64,
+    /// Monotonic time, in nanoseconds since the recording began.
+    monotonic_nanos: AtomicU64,
+    /// The seed of the next instance's random sources: instances are made
+    /// in the recording's order, so each gets the same seed every replay.
+    next_seed: AtomicU64,
+}
+
+impl RecordedTime {
+    /// Clocks that read the recorded time, and random sources seeded from
+    /// `seed` onwards, one seed per instance.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            next_seed: AtomicU64::new(seed),
+            ..Self::default()
+        }
+    }
+
+    /// What the clocks read until the next call to `set`.
+    pub fn set(&self, wall: Duration, monotonic: Duration) {
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.wall_nanos.store(nanos(wall), Ordering::Relaxed);
+        self.monotonic_nanos
+            .store(nanos(monotonic), Ordering::Relaxed);
+    }
+
+    fn seed(&self) -> u64 {
+        self.next_seed.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Both WASI clocks of a replayed instance: they read [`RecordedTime`].
+struct RecordedClock(Arc<RecordedTime>);
+
+impl HostWallClock for RecordedClock {
+    fn resolution(&self) -> Duration {
+        CoarseClock::RESOLUTION
+    }
+
+    fn now(&self) -> Duration {
+        Duration::from_nanos(self.0.wall_nanos.load(Ordering::Relaxed))
+    }
+}
+
+impl HostMonotonicClock for RecordedClock {
+    fn resolution(&self) -> u64 {
+        CoarseClock::round(CoarseClock::RESOLUTION.as_nanos())
+    }
+
+    fn now(&self) -> u64 {
+        self.0.monotonic_nanos.load(Ordering::Relaxed)
+    }
 }
 
 /// The data of one store, that is of one plugin instance.
@@ -72,16 +155,27 @@ impl HostState {
             plugin: plugin.clone(),
             stream,
         };
-        let wasi = WasiCtx::builder()
-            .stdout(sink("stdout"))
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(sink("stdout"))
             .stderr(sink("stderr"))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
-            .wall_clock(CoarseClock)
-            .monotonic_clock(CoarseClock)
-            .max_random_size(MAX_RANDOM_BYTES)
-            .build();
+            .max_random_size(MAX_RANDOM_BYTES);
+        match &settings.clocks {
+            Clocks::Real => {
+                wasi.wall_clock(CoarseClock).monotonic_clock(CoarseClock);
+            }
+            Clocks::Recorded(time) => {
+                let seed = time.seed();
+                wasi.wall_clock(RecordedClock(time.clone()))
+                    .monotonic_clock(RecordedClock(time.clone()))
+                    .secure_random(StdRng::seed_from_u64(seed))
+                    .insecure_random(StdRng::seed_from_u64(seed ^ INSECURE_SEED))
+                    .insecure_random_seed(u128::from(seed));
+            }
+        }
+        let wasi = wasi.build();
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_HANDLES);
         Self {

@@ -23,7 +23,7 @@ use wasmtime::component::Component;
 use crate::input_file::{self, InputError};
 
 pub use bindings::{Connection, Decision, Endpoint, Framing, Next};
-pub use host::{InstanceSettings, PluginConfig};
+pub use host::{Clocks, InstanceSettings, PluginConfig, RecordedTime};
 pub use instance::{CallError, Instance, endpoint};
 pub use limits::Limits;
 pub use output::{LogBudget, fold_lines};

@@ -31,7 +31,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::config::ListenerConfig;
 use crate::framing::Framing;
 use crate::metrics::{FailureKind, ListenerMetrics};
-use crate::plugin::{CallError, Instance, InstanceSettings, LogBudget, Plugin};
+use crate::plugin::{CallError, Clocks, Instance, InstanceSettings, LogBudget, Plugin};
+use crate::recording::Recorder;
 use crate::warnings::Warnings;
 
 use admission::Admission;
@@ -53,6 +54,8 @@ pub struct Tenant {
     warnings: Warnings,
     /// What every instance of this tenant is started with.
     settings: Arc<InstanceSettings>,
+    /// Its traffic's recording, if it is recorded.
+    recorder: Option<Recorder>,
 }
 
 impl fmt::Debug for Tenant {
@@ -89,6 +92,7 @@ impl Tenant {
             tenant,
             config: config.plugin_config.clone(),
             limits: config.limits.clone(),
+            clocks: Clocks::Real,
         });
         Self {
             metrics,
@@ -98,7 +102,22 @@ impl Tenant {
             admission: Admission::new(&config.traffic),
             reply: ReplyPolicy::new(&config.traffic, config.on_failure),
             config,
+            recorder: None,
         }
+    }
+
+    /// The same tenant, recording its traffic with `recorder`.
+    #[must_use]
+    pub fn recording(self, recorder: Recorder) -> Self {
+        Self {
+            recorder: Some(recorder),
+            ..self
+        }
+    }
+
+    /// Its recording, if its traffic is recorded.
+    pub fn recorder(&self) -> Option<&Recorder> {
+        self.recorder.as_ref()
     }
 
     // What the listener is.

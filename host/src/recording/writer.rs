@@ -1,0 +1,392 @@
+//! The recording's writer thread: turns records into JSON lines, writes
+//! them through a buffer (flushed whenever the queue runs dry), and rotates
+//! the file at its size cap. Every file it makes has mode 0600 (recordings
+//! hold whatever peers sent) and is made anew (`O_EXCL`), never appended
+//! to, so a symlink planted at the path is not followed.
+//!
+//! A write that fails (a full disk) drops its record and counts it; the
+//! writer tries the next one, so a disk that frees up is written again.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use metrics::{Counter, counter};
+use serde::Serialize;
+
+use super::{
+    Event, FORMAT_VERSION, Message, Outcome, Record, RecordSettings, framing_name, next_name,
+};
+use crate::plugin::PluginConfig;
+
+/// How often an idle writer looks whether it is to finish.
+const IDLE_CHECK: Duration = Duration::from_millis(100);
+
+/// How often a failing disk is logged about.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// The header line each file starts with.
+#[derive(Serialize)]
+struct Header<'a> {
+    #[serde(rename = "wasm-echo-recording")]
+    format: u64,
+    listener: &'a str,
+    run: &'a str,
+    started: String,
+    #[serde(rename = "plugin-config")]
+    plugin_config: &'a BTreeMap<String, String>,
+}
+
+/// One exchange's line.
+#[derive(Serialize)]
+struct Line<'a> {
+    time: String,
+    listener: &'a str,
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conn: Option<u64>,
+    peer: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    framing: Option<&'static str>,
+    version: &'a str,
+    #[serde(rename = "in", skip_serializing_if = "Option::is_none")]
+    input: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reply: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failed: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}
+
+/// An open recording file and what rotating it needs.
+pub(super) struct Writer {
+    path: PathBuf,
+    max_size: u64,
+    keep: usize,
+    listener: String,
+    /// This server run's id, in every header: connection numbers are
+    /// unique within it.
+    run: String,
+    plugin_config: PluginConfig,
+    /// The current file; `None` after a rotation failed to make the next
+    /// one (it is tried again with the next record).
+    file: Option<BufWriter<File>>,
+    /// Bytes in the current file.
+    size: u64,
+    /// Bytes of its header: a file holding only that is not rotated, so a
+    /// record larger than the cap gets a file of its own.
+    header_len: u64,
+    written: Counter,
+    dropped_io: Counter,
+    rotations: Counter,
+    last_warning: Option<Instant>,
+}
+
+impl Writer {
+    /// Rotates a file already at the path and makes a fresh one.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be made (a missing folder, no permission).
+    pub(super) fn open(
+        settings: &RecordSettings,
+        listener: &str,
+        plugin_config: &PluginConfig,
+    ) -> anyhow::Result<Self> {
+        let run = format!(
+            "{:016x}",
+            super::splitmix64(
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+                    ^ u64::from(std::process::id()).rotate_left(32)
+            )
+        );
+        let mut writer = Self {
+            path: settings.path.clone(),
+            max_size: settings.max_size,
+            keep: settings.keep,
+            listener: listener.to_owned(),
+            run,
+            plugin_config: plugin_config.clone(),
+            file: None,
+            size: 0,
+            header_len: 0,
+            written: counter!("wasm_echo_records_total", "listener" => listener.to_owned()),
+            dropped_io: counter!("wasm_echo_records_dropped_total", "listener" => listener.to_owned(), "reason" => "io"),
+            rotations: counter!("wasm_echo_recording_rotations_total", "listener" => listener.to_owned()),
+            last_warning: None,
+        };
+        if writer.path.exists() || writer.path.is_symlink() {
+            writer.rotate_files()?;
+        }
+        writer.fresh_file()?;
+        Ok(writer)
+    }
+
+    /// Writes what comes until told to finish, then flushes.
+    pub(super) fn run(mut self, queue: Receiver<Message>, closing: &AtomicBool, listener: &str) {
+        loop {
+            match queue.recv_timeout(IDLE_CHECK) {
+                Ok(message) => {
+                    self.write(message);
+                    while let Ok(message) = queue.try_recv() {
+                        self.write(message);
+                    }
+                    self.flush();
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if closing.load(Ordering::Relaxed) {
+                        break;
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        self.flush();
+        tracing::debug!(listener, "recording {} closed", self.path.display());
+    }
+
+    fn write(&mut self, message: Message) {
+        let Message::Record(record) = message;
+        let line = match self.line(&record) {
+            Ok(line) => line,
+            Err(error) => return self.failed("encoding a record", &error),
+        };
+        let len = line.len() as u64;
+        if self.file.is_none()
+            && let Err(error) = self.fresh_file()
+        {
+            return self.failed("opening", &error);
+        }
+        if self.size + len > self.max_size
+            && self.size > self.header_len
+            && let Err(error) = self.rotate()
+        {
+            return self.failed("rotating", &error);
+        }
+        let Some(file) = &mut self.file else {
+            return;
+        };
+        match file.write_all(&line) {
+            Ok(()) => {
+                self.size += len;
+                self.written.increment(1);
+            }
+            Err(error) => self.failed("writing", &error),
+        }
+    }
+
+    fn line(&self, record: &Record) -> serde_json::Result<Vec<u8>> {
+        let (kind, conn, local, framing) = match &record.event {
+            Event::Datagram => ("datagram", None, None, None),
+            Event::Open {
+                conn,
+                local,
+                framing,
+            } => (
+                "open",
+                Some(*conn),
+                Some(local.to_string()),
+                Some(framing_name(*framing)),
+            ),
+            Event::Message { conn } => ("message", Some(*conn), None, None),
+        };
+        let input =
+            (!matches!(record.event, Event::Open { .. })).then(|| BASE64.encode(&record.input));
+        let (reply, next, failed, error) = match &record.outcome {
+            Outcome::Decided { reply, next } => (
+                Some(reply.as_ref().map(|reply| BASE64.encode(reply))),
+                Some(next_name(*next)),
+                None,
+                None,
+            ),
+            Outcome::Failed { kind, error } => {
+                (None, None, Some(kind.as_str()), Some(error.as_str()))
+            }
+        };
+        let line = Line {
+            time: humantime::format_rfc3339_millis(record.time).to_string(),
+            listener: &self.listener,
+            kind,
+            conn,
+            peer: record.peer.to_string(),
+            local,
+            framing,
+            version: &record.version,
+            input,
+            reply,
+            next,
+            failed,
+            error,
+        };
+        let mut bytes = serde_json::to_vec(&line)?;
+        bytes.push(b'\n');
+        Ok(bytes)
+    }
+
+    fn flush(&mut self) {
+        if let Some(file) = &mut self.file
+            && let Err(error) = file.flush()
+        {
+            self.failed("writing", &error);
+        }
+    }
+
+    /// Counts a dropped record and says why, at most once a minute.
+    fn failed(&mut self, doing: &str, error: &dyn std::fmt::Display) {
+        self.dropped_io.increment(1);
+        if self
+            .last_warning
+            .is_some_and(|last| last.elapsed() < WARN_EVERY)
+        {
+            return;
+        }
+        self.last_warning = Some(Instant::now());
+        tracing::warn!(
+            listener = self.listener,
+            "recording {}: {doing} failed, records are dropped: {error}",
+            self.path.display()
+        );
+    }
+
+    /// Moves the current file aside and starts a fresh one.
+    fn rotate(&mut self) -> std::io::Result<()> {
+        if let Some(mut file) = self.file.take() {
+            file.flush()?;
+        }
+        self.rotate_files()?;
+        self.fresh_file()?;
+        self.rotations.increment(1);
+        Ok(())
+    }
+
+    /// PATH.(keep-1) to PATH.keep, ..., PATH to PATH.1; the oldest goes.
+    fn rotate_files(&self) -> std::io::Result<()> {
+        if self.keep == 0 {
+            return remove_if_there(&self.path);
+        }
+        for n in (1..self.keep).rev() {
+            let from = numbered(&self.path, n);
+            if from.exists() {
+                std::fs::rename(&from, numbered(&self.path, n + 1))?;
+            }
+        }
+        std::fs::rename(&self.path, numbered(&self.path, 1))
+    }
+
+    /// Makes the file anew, mode 0600, and writes its header.
+    fn fresh_file(&mut self) -> std::io::Result<()> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&self.path)
+            .map_err(|error| {
+                std::io::Error::new(
+                    error.kind(),
+                    format!("cannot record to {}: {error}", self.path.display()),
+                )
+            })?;
+        let mut file = BufWriter::new(file);
+        let header = Header {
+            format: FORMAT_VERSION,
+            listener: &self.listener,
+            run: &self.run,
+            started: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            plugin_config: &self.plugin_config,
+        };
+        let mut line = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        file.write_all(&line)?;
+        file.flush()?;
+        self.size = line.len() as u64;
+        self.header_len = self.size;
+        self.file = Some(file);
+        Ok(())
+    }
+}
+
+/// `PATH.n`.
+pub(crate) fn numbered(path: &Path, n: usize) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+fn remove_if_there(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::Next;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    /// A file past its cap is rotated: the cap holds for every file, the
+    /// oldest beyond `keep` go, every file has its header and mode 0600.
+    #[test]
+    fn a_full_file_rotates_and_keeps_its_bound() {
+        let dir =
+            std::env::temp_dir().join(format!("wasm-echo-writer-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a scratch dir");
+        let path = dir.join("rec.jsonl");
+        std::fs::write(&path, "yesterday's\n").expect("an old file");
+        let settings = RecordSettings {
+            path: path.clone(),
+            max_size: 1024,
+            keep: 2,
+            sample: 1.0,
+        };
+        let mut writer = Writer::open(&settings, "main", &PluginConfig::new()).expect("opens");
+        assert_eq!(
+            std::fs::read_to_string(numbered(&path, 1)).expect("rotated aside"),
+            "yesterday's\n"
+        );
+        for _ in 0..100 {
+            writer.write(Message::Record(Box::new(Record {
+                time: SystemTime::now(),
+                event: Event::Datagram,
+                peer: ([127, 0, 0, 1], 9).into(),
+                version: "echo@000000000000".into(),
+                input: vec![b'x'; 100],
+                outcome: Outcome::Decided {
+                    reply: Some(vec![b'y'; 100]),
+                    next: Next::CarryOn,
+                },
+            })));
+        }
+        writer.flush();
+        for file in [path.clone(), numbered(&path, 1), numbered(&path, 2)] {
+            let meta = std::fs::metadata(&file).expect("kept");
+            assert!(
+                meta.len() <= 1024,
+                "{} is {} bytes",
+                file.display(),
+                meta.len()
+            );
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+            let text = std::fs::read_to_string(&file).expect("text");
+            assert!(text.starts_with("{\"wasm-echo-recording\":1"), "{text}");
+        }
+        assert!(!numbered(&path, 3).exists(), "only `keep` rotated files");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
