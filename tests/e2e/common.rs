@@ -26,7 +26,13 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 /// (a `serve` that starts on bad input, a read that never ends) fails its
 /// test instead of hanging the suite.
 pub fn run(args: &[&str]) -> Output {
+    run_in(std::path::Path::new("."), args)
+}
+
+/// [`run`], in folder `dir`.
+pub fn run_in(dir: &std::path::Path, args: &[&str]) -> Output {
     let mut child = Command::new(BIN)
+        .current_dir(dir)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -197,10 +203,15 @@ impl Server {
         if let Some(runtime) = runtime {
             command.env("XDG_RUNTIME_DIR", runtime);
         }
+        command.arg("serve").args(args).stdin(Stdio::null());
+        Self::from_command(command, expected)
+    }
+
+    /// Runs `command`, a `wasm-echo serve` however it is started (a script
+    /// that ends by exec'ing it, say, or with a stdin of the caller's
+    /// choice), and waits for `expected` `listening` lines.
+    pub fn from_command(mut command: Command, expected: usize) -> Self {
         let mut child = command
-            .arg("serve")
-            .args(args)
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

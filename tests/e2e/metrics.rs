@@ -354,7 +354,7 @@ fn refused_replies_are_counted_as_refused_not_failed() {
 
 /// `component` with a custom section appended: the same plugin, with
 /// other bytes and so another digest.
-fn with_custom_section(component: &[u8], payload: &[u8]) -> Vec<u8> {
+pub(crate) fn with_custom_section(component: &[u8], payload: &[u8]) -> Vec<u8> {
     fn leb128(mut value: usize, out: &mut Vec<u8>) {
         loop {
             let byte = (value & 0x7f) as u8;
