@@ -175,3 +175,38 @@ fn new_refuses_a_non_empty_directory_and_a_bad_name_in_one_line() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `new` without `--dir` writes `./NAME` where it runs, and with `--dir`
+/// it takes a folder that exists but is empty; in both, the project is
+/// there whole (its WIT, build.sh, README and source).
+#[test]
+fn new_writes_into_name_by_default_and_into_an_empty_folder() {
+    let base = std::env::temp_dir().join(format!("wasm-echo-new-{}-places", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(base.join("empty")).expect("scratch dirs");
+    let written = |project: &Path| {
+        for file in ["wit/plugin.wit", "build.sh", "README.md", "Cargo.toml"] {
+            assert!(
+                project.join(file).is_file(),
+                "{} lacks {file}",
+                project.display()
+            );
+        }
+    };
+
+    let output = crate::common::run_in(&base, &["new", "--lang", "rust", "shout"]);
+    assert_success("wasm-echo new shout", &output);
+    written(&base.join("shout"));
+
+    let output = crate::common::run_in(
+        &base,
+        &["new", "--lang", "rust", "whisper", "--dir", "empty"],
+    );
+    assert_success("wasm-echo new --dir empty", &output);
+    written(&base.join("empty"));
+    assert!(
+        !base.join("whisper").exists(),
+        "--dir is used instead of ./NAME"
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}
