@@ -6,6 +6,10 @@
 //! The guests live in their own workspace with the target pinned, so they
 //! are built by a nested `cargo` into `target/guest-plugins`, shared by every
 //! profile of the host.
+//!
+//! It also reads `WASM_ECHO_SKIP_TESTS`, the end-to-end tests' one opt-out
+//! (see [`SKIPPABLE`]): a test attribute cannot read the environment, a
+//! `cfg` set here can.
 
 use std::env;
 use std::fmt::Write as _;
@@ -18,6 +22,23 @@ const BUILTIN: &[&str] = &["hello", "echo", "counter"];
 /// Plugins that only the tests use.
 const TEST_ONLY: &[&str] = &["trap", "hostile"];
 const TARGET: &str = "wasm32-wasip2";
+
+/// What `WASM_ECHO_SKIP_TESTS` (a comma-separated list) may name: things an
+/// end-to-end test needs that a machine may lack. Each named one sets the
+/// `cfg` beside it, and the tests that need it are reported as ignored,
+/// with the reason, instead of failing on what is missing. Nothing else
+/// skips a test: without the opt-out, a test that cannot run fails and
+/// says how to provide what it needs. `scripts/test.sh` never skips.
+const SKIPPABLE: &[(&str, &str)] = &[
+    // The Python, JavaScript and C toolchains and plugins
+    // (`WASM_ECHO_POLYGLOT_DIR`, written by scripts/build-polyglot.sh).
+    ("polyglot", "skip_polyglot"),
+    // An IPv6 loopback address, `::1`.
+    ("ipv6", "skip_ipv6"),
+    // The documented default addresses, UDP and TCP port 12345, free.
+    ("default-ports", "skip_default_ports"),
+];
+const SKIP_VARIABLE: &str = "WASM_ECHO_SKIP_TESTS";
 
 fn main() -> ExitCode {
     match build() {
@@ -50,6 +71,7 @@ fn build() -> Result<(), String> {
     }
     println!("cargo::rerun-if-changed={}", root.join("wit").display());
 
+    skip_tests()?;
     check_target_installed()?;
 
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -120,6 +142,38 @@ fn build() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     }
     write(&out_dir.join("test_plugins.rs"), &test_only)
+}
+
+/// Sets a `cfg` for each requirement `WASM_ECHO_SKIP_TESTS` names.
+///
+/// # Errors
+///
+/// A name that is not in [`SKIPPABLE`]: a typo must not run what the user
+/// meant to skip, nor skip what they did not name.
+fn skip_tests() -> Result<(), String> {
+    println!("cargo::rerun-if-env-changed={SKIP_VARIABLE}");
+    for (_, cfg) in SKIPPABLE {
+        println!("cargo::rustc-check-cfg=cfg({cfg})");
+    }
+    let list = env::var(SKIP_VARIABLE).unwrap_or_default();
+    for name in list
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+    {
+        let Some((_, cfg)) = SKIPPABLE.iter().find(|(known, _)| *known == name) else {
+            let known: Vec<_> = SKIPPABLE.iter().map(|(known, _)| *known).collect();
+            return Err(format!(
+                "{SKIP_VARIABLE}: unknown requirement `{name}` (known: {})",
+                known.join(", ")
+            ));
+        };
+        println!("cargo::rustc-cfg={cfg}");
+        println!(
+            "cargo::warning={SKIP_VARIABLE} names `{name}`: the end-to-end tests that need it are reported as ignored"
+        );
+    }
+    Ok(())
 }
 
 /// A fresh machine has only the host target; say how to get the other one

@@ -32,7 +32,13 @@ pub const SERVER_LIFETIME: Duration = Duration::from_secs(300);
 /// (a `serve` that starts on bad input, a read that never ends) fails its
 /// test instead of hanging the suite.
 pub fn run(args: &[&str]) -> Output {
+    run_in(std::path::Path::new("."), args)
+}
+
+/// [`run`], in folder `dir`.
+pub fn run_in(dir: &std::path::Path, args: &[&str]) -> Output {
     let mut child = Command::new(BIN)
+        .current_dir(dir)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -213,15 +219,29 @@ impl Server {
     fn spawn(args: &[&str], expected: usize, env: &[(&str, &std::ffi::OsStr)]) -> Self {
         let mut command = Command::new(BIN);
         command.envs(env.iter().copied());
+        command.arg("serve").args(args).stdin(Stdio::null());
+        Self::from_command(command, expected)
+    }
+
+    /// Runs `command`, a `wasm-echo serve` however it is started (a script
+    /// that ends by exec'ing it, say, or with a stdin of the caller's
+    /// choice), and waits for `expected` `listening` lines.
+    pub fn from_command(mut command: Command, expected: usize) -> Self {
+        let what = format!(
+            "{} {}",
+            command.get_program().to_string_lossy(),
+            command
+                .get_args()
+                .map(|arg| arg.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         let mut child = command
-            .arg("serve")
-            .args(args)
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("wasm-echo serve starts");
-        let watchdog = watch_lifetime(child.id(), args);
+        let watchdog = watch_lifetime(child.id(), what);
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = stderr.clone();
         let mut err = child.stderr.take().expect("stderr piped");
@@ -365,12 +385,11 @@ impl Server {
 
 /// Kills process `pid` if it is still running after [`SERVER_LIFETIME`],
 /// unless the returned sender is dropped first.
-fn watch_lifetime(pid: u32, args: &[&str]) -> mpsc::Sender<()> {
+fn watch_lifetime(pid: u32, what: String) -> mpsc::Sender<()> {
     let (alive, watched) = mpsc::channel::<()>();
-    let what = args.join(" ");
     thread::spawn(move || {
         if let Err(mpsc::RecvTimeoutError::Timeout) = watched.recv_timeout(SERVER_LIFETIME) {
-            eprintln!("`wasm-echo serve {what}` outlived {SERVER_LIFETIME:?}: killing it");
+            eprintln!("`{what}` outlived {SERVER_LIFETIME:?}: killing it");
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();

@@ -208,3 +208,74 @@ fn grace_period_ends_lingering_connections() {
     );
     assert!(server.wait_exit().success());
 }
+
+/// The README's first command and its demo: `scripts/serve.sh` with no
+/// arguments runs the bootstrap, then `cargo run --release --bin
+/// wasm-echo -- serve`, which serves the `hello` plugin on the documented
+/// default addresses (UDP and TCP on 0.0.0.0:12345); `client udp` and
+/// `client tcp`, with their own defaults, get the documents' greetings,
+/// and their `exit`s end the server with status 0.
+///
+/// `cargo` is a stand-in that checks the script's call and runs the binary
+/// under test: the real one would rebuild the binary without the tests'
+/// dev-dependency features, over the one the other tests are running.
+///
+/// It needs port 12345 free on this machine: when it is taken the test
+/// fails saying so, unless `WASM_ECHO_SKIP_TESTS=default-ports` reports it
+/// as ignored instead.
+#[test]
+#[cfg_attr(
+    skip_default_ports,
+    ignore = "WASM_ECHO_SKIP_TESTS names default-ports"
+)]
+fn serve_sh_serves_hello_on_the_default_addresses() {
+    let taken = |error: std::io::Error, protocol: &str| -> ! {
+        panic!(
+            "{protocol} port 12345 is taken on this machine ({error}): this test serves the \
+             documented defaults there; stop what holds it, or set \
+             WASM_ECHO_SKIP_TESTS=default-ports to report this test as ignored"
+        )
+    };
+    drop(std::net::UdpSocket::bind("0.0.0.0:12345").unwrap_or_else(|e| taken(e, "UDP")));
+    drop(std::net::TcpListener::bind("0.0.0.0:12345").unwrap_or_else(|e| taken(e, "TCP")));
+
+    let stand_in = crate::common::scratch_file(
+        "cargo",
+        format!(
+            "#!/bin/sh\n\
+             [ \"$1 $2 $3 $4 $5\" = \"run --release --bin wasm-echo --\" ] || \
+             {{ echo \"unexpected cargo call: $*\" >&2; exit 97; }}\n\
+             shift 5\nexec {} \"$@\"\n",
+            crate::common::BIN
+        )
+        .as_bytes(),
+    );
+    std::fs::set_permissions(
+        &stand_in,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("make the stand-in executable");
+    let folder = stand_in.parent().expect("scratch folder");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the repository");
+    let mut command = Command::new(root.join("scripts/serve.sh"));
+    command.stdin(std::process::Stdio::null());
+    let path = std::env::var("PATH").unwrap_or_default();
+    command.env("PATH", format!("{}:{path}", folder.display()));
+    // A control socket of its own, where no other test looks for one.
+    command.env("XDG_RUNTIME_DIR", folder);
+    let mut server = Server::from_command(command, 2);
+    assert_eq!(server.udp().to_string(), "0.0.0.0:12345");
+    assert_eq!(server.tcp().to_string(), "0.0.0.0:12345");
+
+    let output = run(&["client", "udp"]);
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "Hello, client!\n");
+    let output = run(&["client", "tcp"]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "hello, tcp client!\n"
+    );
+    let status = server.wait_exit();
+    assert!(status.success(), "{status:?}:\n{}", server.stderr());
+}

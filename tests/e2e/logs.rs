@@ -407,3 +407,44 @@ fn a_guest_panic_is_one_warning_line() {
     );
     assert!(!log.contains("RUST_BACKTRACE"), "{log}");
 }
+
+/// A plugin's stdout and stderr become host log lines tagged with the
+/// listener, the plugin's name and the stream, and its stdin is empty: a
+/// read gets end-of-file at once, although the server's own stdin has
+/// bytes to read. Regression guard: a stdin inherited from the host (the
+/// plugin reading the host's input), and plugin output that reaches
+/// stderr untagged.
+#[test]
+fn plugin_stdout_and_stderr_are_tagged_lines_and_stdin_is_empty() {
+    let toml = hostile(
+        "reader",
+        "udp",
+        "plugin-config = { behaviour = \"read-stdin\" }",
+    );
+    let config = scratch_file("wasm-echo.toml", toml.as_bytes());
+    let input = scratch_file("stdin.txt", b"the host's own input\n");
+    let mut command = std::process::Command::new(crate::common::BIN);
+    command
+        .args(["serve", "--config", config.to_str().expect("utf-8 path")])
+        .stdin(std::fs::File::open(&input).expect("the server's stdin"));
+    let server = Server::from_command(command, 1);
+    let socket = udp_client(server.udp());
+    assert_eq!(udp_ask(&socket, b"hi"), b"stdin: 0 bytes");
+    let log = wait_until(&server, "both streams", |log| {
+        log.contains("to stdout") && log.contains("to stderr")
+    });
+    for stream in ["stdout", "stderr"] {
+        let line = log
+            .lines()
+            .find(|line| line.contains(&format!("to {stream}")))
+            .expect("the line");
+        for tag in [
+            " plugin: ".to_owned(),
+            "listener=\"reader\"".to_owned(),
+            "plugin=\"hostile\"".to_owned(),
+            format!("stream=\"{stream}\""),
+        ] {
+            assert!(line.contains(&tag), "{stream} line lacks {tag:?}: {line}");
+        }
+    }
+}

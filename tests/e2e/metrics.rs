@@ -348,7 +348,7 @@ fn refused_replies_are_counted_as_refused_not_failed() {
 
 /// `component` with a custom section appended: the same plugin, with
 /// other bytes and so another digest.
-fn with_custom_section(component: &[u8], payload: &[u8]) -> Vec<u8> {
+pub(crate) fn with_custom_section(component: &[u8], payload: &[u8]) -> Vec<u8> {
     fn leb128(mut value: usize, out: &mut Vec<u8>) {
         loop {
             let byte = (value & 0x7f) as u8;
@@ -473,4 +473,227 @@ fn retired_versions_leave_the_metrics_and_their_counts_stay_in_the_totals() {
     );
     assert_eq!(info_series(&scrape), 1, "only the current version is left");
     assert_eq!(value(&scrape, "wasm_echo_plugin_info", &[]), Some(1.0));
+}
+
+/// The series no other test moves, each by exactly what the test did: a
+/// connection rejected over `max-connections`, closes by the plugin, by
+/// the idle timeout and by a protocol error, a memory failure, a reply
+/// refused for its size, and the bytes sent (UDP and TCP, framing
+/// included).
+#[test]
+fn rejections_closes_failures_and_bytes_out_move_by_exactly_what_happened() {
+    let toml = format!(
+        "[listeners.main]\nplugin = \"{}\"\nudp = \"127.0.0.1:0\"\ntcp = \"127.0.0.1:0\"\n\
+         framing = \"lines\"\nmax-message = \"64B\"\nmax-connections = 1\n\
+         idle-timeout = \"500ms\"\ncall-timeout = \"2s\"\nmemory-limit = \"4MiB\"\n\
+         max-reply = \"32B\"\n",
+        plugins::TRAP
+    );
+    let server = Server::with_config_and(&toml, 3, &["--metrics", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&server);
+    let main = [("listener", "main")];
+    let closes = |reason| [("listener", "main"), ("reason", reason)];
+    let open_none = || {
+        expect(metrics, &[("wasm_echo_open_connections", &main, 0.0)]);
+    };
+
+    // Closed by the plugin, after its reply: 6 + 4 bytes out.
+    let mut stream = tcp_client(server.tcp());
+    assert_eq!(tcp_ask(&mut stream, b"hello\n", 6), b"hello\n");
+    assert_eq!(tcp_ask(&mut stream, b"close\n", 4), b"bye\n");
+    crate::common::expect_closed_by_server(&mut stream);
+    open_none();
+    // Closed for a line longer than max-message.
+    let mut stream = tcp_client(server.tcp());
+    stream.write_all(&[b'x'; 100]).expect("send");
+    crate::common::expect_closed_by_server(&mut stream);
+    open_none();
+    // One connection holds the only slot; the next is rejected at once.
+    let mut idle = tcp_client(server.tcp());
+    expect(metrics, &[("wasm_echo_open_connections", &main, 1.0)]);
+    let mut rejected = tcp_client(server.tcp());
+    crate::common::expect_closed_by_server(&mut rejected);
+    // The first is closed once idle.
+    crate::common::expect_closed_by_server(&mut idle);
+
+    let socket = udp_client(server.udp());
+    assert_eq!(udp_ask(&socket, b"ten bytes!"), b"ten bytes!");
+    socket.send(b"bloat").expect("send");
+    socket.send(&[b'y'; 40]).expect("send");
+    assert_eq!(udp_ask(&socket, b"ok"), b"ok", "the listener goes on");
+
+    expect(
+        metrics,
+        &[
+            ("wasm_echo_rejected_connections_total", &main, 1.0),
+            ("wasm_echo_tcp_connections_total", &main, 3.0),
+            ("wasm_echo_closes_total", &closes("plugin"), 1.0),
+            ("wasm_echo_closes_total", &closes("protocol"), 1.0),
+            ("wasm_echo_closes_total", &closes("idle"), 1.0),
+            ("wasm_echo_closes_total", &closes("peer"), 0.0),
+            ("wasm_echo_closes_total", &closes("failed"), 0.0),
+            (
+                "wasm_echo_listener_plugin_failures_total",
+                &[("listener", "main"), ("kind", "memory")],
+                1.0,
+            ),
+            (
+                "wasm_echo_listener_plugin_failures_total",
+                &[("listener", "main"), ("kind", "reply")],
+                1.0,
+            ),
+            (
+                "wasm_echo_listener_plugin_failures_total",
+                &[("listener", "main"), ("kind", "deadline")],
+                0.0,
+            ),
+            (
+                "wasm_echo_drops_total",
+                &[("listener", "main"), ("reason", "failed")],
+                1.0,
+            ),
+            (
+                "wasm_echo_drops_total",
+                &[("listener", "main"), ("reason", "refused-reply")],
+                1.0,
+            ),
+            (
+                "wasm_echo_bytes_out_total",
+                &[("listener", "main"), ("protocol", "tcp")],
+                10.0,
+            ),
+            (
+                "wasm_echo_bytes_out_total",
+                &[("listener", "main"), ("protocol", "udp")],
+                12.0,
+            ),
+            (
+                "wasm_echo_replies_total",
+                &[("listener", "main"), ("protocol", "udp")],
+                2.0,
+            ),
+        ],
+    );
+}
+
+/// A stand-in for the `/metrics` endpoint at `upstream` that lets the
+/// test act between `status`'s two scrapes: the first is answered at once
+/// and announced on the returned channel; the second is held until the
+/// returned sender is used, then answered. Returns its address.
+fn scrape_gate(
+    upstream: SocketAddr,
+) -> (
+    SocketAddr,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let gate = std::net::TcpListener::bind("127.0.0.1:0").expect("bind gate");
+    let addr = gate.local_addr().expect("gate addr");
+    let (first_done, first) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    thread::spawn(move || {
+        for scrape in 0..2 {
+            let Ok((mut client, _)) = gate.accept() else {
+                return;
+            };
+            if scrape == 1 && released.recv_timeout(PATIENCE).is_err() {
+                return;
+            }
+            client.set_read_timeout(Some(PATIENCE)).expect("timeout");
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.ends_with(b"\r\n\r\n") {
+                match client.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(len) => request.extend_from_slice(&buf[..len]),
+                }
+            }
+            let mut server = TcpStream::connect(upstream).expect("metrics endpoint");
+            server.write_all(&request).expect("forward the request");
+            let mut response = Vec::new();
+            server.read_to_end(&mut response).expect("the page");
+            client.write_all(&response).expect("answer status");
+            drop(client);
+            if scrape == 0 {
+                let _ = first_done.send(());
+            }
+        }
+    });
+    (addr, first, release)
+}
+
+/// `status`'s columns hold what the test did: rates are what happened
+/// between its two scrapes divided by `--interval` (10 datagrams and 4
+/// messages in 200 ms: 50, 20 and 70 replies a second), and OPEN,
+/// FAILURES and DROPS are the totals (2 connections held open, a datagram
+/// that trapped, the one it dropped). Traffic before the first scrape
+/// moves no rate.
+#[test]
+fn status_columns_hold_the_rates_and_totals_of_what_was_done() {
+    let server = Server::start(plugins::TRAP, &["--metrics", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&server);
+    let socket = udp_client(server.udp());
+    socket.send(b"panic").expect("send");
+    assert_eq!(udp_ask(&socket, b"before"), b"before");
+    let mut held = tcp_client(server.tcp());
+    assert_eq!(tcp_ask(&mut held, b"before", 6), b"before");
+    let _other = tcp_client(server.tcp());
+    expect(
+        metrics,
+        &[
+            ("wasm_echo_open_connections", &[("listener", "main")], 2.0),
+            ("wasm_echo_datagrams_total", &[("listener", "main")], 2.0),
+        ],
+    );
+
+    let (gate, first, release) = scrape_gate(metrics);
+    let status = thread::spawn(move || run(&["status", &gate.to_string(), "--interval", "200ms"]));
+    first.recv_timeout(PATIENCE).expect("status scraped once");
+    for i in 0..10 {
+        let message = format!("d{i}");
+        assert_eq!(udp_ask(&socket, message.as_bytes()), message.as_bytes());
+    }
+    for i in 0..4 {
+        let message = format!("m{i}");
+        assert_eq!(
+            tcp_ask(&mut held, message.as_bytes(), 2),
+            message.as_bytes()
+        );
+    }
+    expect(
+        metrics,
+        &[
+            ("wasm_echo_datagrams_total", &[("listener", "main")], 12.0),
+            ("wasm_echo_tcp_messages_total", &[("listener", "main")], 5.0),
+            (
+                "wasm_echo_replies_total",
+                &[("listener", "main"), ("protocol", "tcp")],
+                5.0,
+            ),
+            (
+                "wasm_echo_replies_total",
+                &[("listener", "main"), ("protocol", "udp")],
+                11.0,
+            ),
+        ],
+    );
+    release.send(()).expect("release the second scrape");
+    let output = status.join().expect("status ran");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let row: Vec<&str> = stdout
+        .lines()
+        .find(|line| line.starts_with("main "))
+        .unwrap_or_else(|| panic!("a row for main: {stdout}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row[2..],
+        ["50.0", "20.0", "70.0", "2", "1", "1", "0/0"],
+        "DGRAM/S MSG/S REPLY/S OPEN FAILURES DROPS RELOADS:\n{stdout}"
+    );
 }

@@ -301,3 +301,80 @@ fn failing_connections_cannot_make_the_host_log_per_connection() {
         "{closed} 'connection closed' lines for 200 failing connections:\n{log}"
     );
 }
+
+/// A new version over the tenant's `table-elements` or `instances`, or
+/// whose start-up runs past the call deadline, fails to start: `reload`
+/// says which limit in one line, and the listener goes on with the
+/// version it had. Regression guard: limits that held for calls but not
+/// for instantiation, or a failed start that left the listener without a
+/// plugin.
+#[test]
+fn a_version_over_the_table_instance_or_start_limits_fails_cleanly() {
+    use crate::reload::component_with;
+
+    let control = crate::common::control_path();
+    let toml = "[listeners.main]\nplugin = \"echo\"\nudp = \"127.0.0.1:0\"\n\
+                table-elements = 100\ninstances = 10\ncall-timeout = \"50ms\"\n";
+    let server = Server::with_config_and(
+        toml,
+        1,
+        &["--control", control.to_str().expect("utf-8 path")],
+    );
+    let socket = udp_client(server.udp());
+    assert_eq!(udp_ask(&socket, b"before"), b"before");
+    let grow = "(drop (table.grow 0 (ref.null func) (i32.const 200)))";
+    let cases: [(Vec<u8>, &[&str]); 4] = [
+        // A table born too big does not fit the pool sized for the limit.
+        (
+            component_with("nop", 101, 0),
+            &[
+                "does not compile: ",
+                "table index 0 has a minimum element size of 101 which exceeds the limit of 100",
+            ],
+        ),
+        (
+            component_with(grow, 1, 0),
+            &["fails to start: plugin tried to grow its table to 201 (limit 100)"],
+        ),
+        (
+            component_with("nop", 1, 10),
+            &[
+                "fails to start: plugin trapped: resource limit exceeded: instance count too high at 11",
+            ],
+        ),
+        (
+            component_with("(loop br 0)", 1, 0),
+            &["fails to start: plugin ran past its 50ms deadline"],
+        ),
+    ];
+    for (bytes, cause) in cases {
+        let file = scratch_file("over.wasm", &bytes);
+        let mut needles = vec!["reload failed, nothing changed: listener `main`: "];
+        needles.extend_from_slice(cause);
+        let line = one_line_error(
+            &crate::common::control(
+                "reload",
+                &control,
+                &["--plugin", file.to_str().expect("utf-8 path")],
+            ),
+            &needles,
+        );
+        assert_eq!(
+            udp_ask(&socket, b"still echo"),
+            b"still echo",
+            "after {line}"
+        );
+    }
+    // Within the limits, the same kind of component starts.
+    let fits = scratch_file("fits.wasm", &component_with("nop", 100, 8));
+    let output = crate::common::control(
+        "reload",
+        &control,
+        &["--plugin", fits.to_str().expect("utf-8 path")],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -22,16 +22,16 @@ struct Toolchains {
     wasi_adapter: Option<String>,
 }
 
-/// The toolchains for `lang`, or `None` when the polyglot ones are not
-/// available (see [`built_dir`]).
-fn toolchains(lang: &str) -> Option<Toolchains> {
+/// The toolchains for `lang`; the polyglot ones must have been built (see
+/// [`built_dir`]).
+fn toolchains(lang: &str) -> Toolchains {
     if lang == "rust" {
-        return Some(Toolchains {
+        return Toolchains {
             path: None,
             wasi_adapter: None,
-        });
+        };
     }
-    let dir = built_dir(&format!("scaffold::{lang}"))?;
+    let dir = built_dir();
     let file = dir.join("toolchains.env");
     let text = std::fs::read_to_string(&file).unwrap_or_else(|error| {
         panic!(
@@ -44,10 +44,10 @@ fn toolchains(lang: &str) -> Option<Toolchains> {
             .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
             .map(str::to_owned)
     };
-    Some(Toolchains {
+    Toolchains {
         path: Some(value("TOOLCHAIN_PATH").expect("TOOLCHAIN_PATH in toolchains.env")),
         wasi_adapter: value("WASI_ADAPTER"),
-    })
+    }
 }
 
 /// target/, where the binary under test lives.
@@ -73,9 +73,7 @@ fn assert_success(what: &str, output: &Output) {
 /// Runs `wasm-echo new`, the project's build.sh, `wasm-echo check`, and a
 /// UDP exchange with the built plugin.
 fn new_project_builds_and_passes_check(lang: &str) {
-    let Some(tools) = toolchains(lang) else {
-        return;
-    };
+    let tools = toolchains(lang);
     let name = format!("my-{lang}-plugin");
     let project = std::env::temp_dir().join(format!("wasm-echo-new-{}-{lang}", std::process::id()));
     let _ = std::fs::remove_dir_all(&project);
@@ -135,16 +133,19 @@ fn a_rust_project_builds_and_passes_check() {
 }
 
 #[test]
+#[cfg_attr(skip_polyglot, ignore = "WASM_ECHO_SKIP_TESTS names polyglot")]
 fn a_python_project_builds_and_passes_check() {
     new_project_builds_and_passes_check("python");
 }
 
 #[test]
+#[cfg_attr(skip_polyglot, ignore = "WASM_ECHO_SKIP_TESTS names polyglot")]
 fn a_js_project_builds_and_passes_check() {
     new_project_builds_and_passes_check("js");
 }
 
 #[test]
+#[cfg_attr(skip_polyglot, ignore = "WASM_ECHO_SKIP_TESTS names polyglot")]
 fn a_c_project_builds_and_passes_check() {
     new_project_builds_and_passes_check("c");
 }
@@ -173,4 +174,39 @@ fn new_refuses_a_non_empty_directory_and_a_bad_name_in_one_line() {
         "nothing was written"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `new` without `--dir` writes `./NAME` where it runs, and with `--dir`
+/// it takes a folder that exists but is empty; in both, the project is
+/// there whole (its WIT, build.sh, README and source).
+#[test]
+fn new_writes_into_name_by_default_and_into_an_empty_folder() {
+    let base = std::env::temp_dir().join(format!("wasm-echo-new-{}-places", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(base.join("empty")).expect("scratch dirs");
+    let written = |project: &Path| {
+        for file in ["wit/plugin.wit", "build.sh", "README.md", "Cargo.toml"] {
+            assert!(
+                project.join(file).is_file(),
+                "{} lacks {file}",
+                project.display()
+            );
+        }
+    };
+
+    let output = crate::common::run_in(&base, &["new", "--lang", "rust", "shout"]);
+    assert_success("wasm-echo new shout", &output);
+    written(&base.join("shout"));
+
+    let output = crate::common::run_in(
+        &base,
+        &["new", "--lang", "rust", "whisper", "--dir", "empty"],
+    );
+    assert_success("wasm-echo new --dir empty", &output);
+    written(&base.join("empty"));
+    assert!(
+        !base.join("whisper").exists(),
+        "--dir is used instead of ./NAME"
+    );
+    let _ = std::fs::remove_dir_all(&base);
 }

@@ -27,7 +27,9 @@
 //!   running no Wasm code meanwhile; anything else is echoed;
 //! - `sleep-on-close`: echoes, then blocks in `on-close` as `sleep` does;
 //! - `leak-handles`: makes WASI pollables and stream handles and never
-//!   drops them, far more than the host allows one instance.
+//!   drops them, far more than the host allows one instance;
+//! - `read-stdin`: reads stdin to its end, writes `to stdout` on stdout and
+//!   `to stderr` on stderr, and answers `stdin: N bytes` (or the error);
 //! - `clock`: answers with the message, the wall clock, the monotonic
 //!   clock and a random number, which a replay must make the same every
 //!   time (and which no replay reproduces from a live recording).
@@ -128,6 +130,16 @@ fn misbehave(data: Vec<u8>) -> Decision {
                 std::mem::forget(wasi::cli::stdout::get_stdout());
             }
             reply(data)
+        }
+        "read-stdin" => {
+            let mut input = Vec::new();
+            let read = std::io::Read::read_to_end(&mut std::io::stdin(), &mut input);
+            println!("to stdout");
+            eprintln!("to stderr");
+            reply(match read {
+                Ok(len) => format!("stdin: {len} bytes").into_bytes(),
+                Err(error) => format!("stdin: {error}").into_bytes(),
+            })
         }
         other => panic!("unknown behaviour `{other}`"),
     }
