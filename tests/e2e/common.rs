@@ -416,12 +416,19 @@ pub fn scratch_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
     path
 }
 
-/// An address on 127.0.0.1 that was free a moment ago.
+/// An address on 127.0.0.1 that was free a moment ago for both UDP and TCP.
+/// Regression: it was only checked for TCP, so a test binding both
+/// protocols on it failed now and then with "address in use" when another
+/// test's UDP socket had the same port.
 pub fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
+    for _ in 0..100 {
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let addr = udp.local_addr().expect("addr");
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no port on 127.0.0.1 free for both UDP and TCP in 100 tries");
 }
 
 /// A UDP socket on 127.0.0.1 connected to `server`.
