@@ -248,6 +248,20 @@ impl<'a> Framed<'a> {
 mod tests {
     use super::*;
 
+    /// Guards the empty reply's framing: an empty `raw` reply writes
+    /// nothing, while `lines` still ends the line and `length-prefixed`
+    /// still sends its zero length.
+    #[test]
+    fn an_empty_reply_is_empty_on_the_wire_only_when_raw() {
+        let empty = |framing| {
+            let framed = Framed::new(framing, b"").expect("frames");
+            (framed.is_empty(), framed.len())
+        };
+        assert_eq!(empty(Framing::Raw), (true, 0));
+        assert_eq!(empty(Framing::Lines), (false, 1));
+        assert_eq!(empty(Framing::LengthPrefixed), (false, 4));
+    }
+
     fn messages(
         framing: Framing,
         max: usize,

@@ -211,6 +211,28 @@ mod tests {
         assert!(admission.admit_message(two), "another peer has its own");
     }
 
+    /// Guards the limiter's memory: every peer ever seen stayed in the
+    /// rate limiter's table unless quiet peers are forgotten.
+    #[test]
+    fn quiet_peers_are_forgotten() {
+        let admission = Admission::new(&limits(
+            Some(RateLimit {
+                per_second: 1000,
+                burst: 1,
+            }),
+            10,
+        ));
+        let peers = |admission: &Admission| admission.rate.as_ref().map_or(0, |rate| rate.len());
+        for last in 1..=3 {
+            assert!(admission.admit_message([10, 0, 0, last].into()));
+        }
+        assert_eq!(peers(&admission), 3);
+        // At 1,000 a second, a peer's one-message burst is back after 1 ms.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        admission.forget_quiet_peers();
+        assert_eq!(peers(&admission), 0);
+    }
+
     #[test]
     fn without_a_rate_limit_everything_is_admitted() {
         let admission = Admission::new(&limits(None, 10));
