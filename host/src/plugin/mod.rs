@@ -205,9 +205,9 @@ pub struct Plugin {
     pre: bindings::PluginPre<host::HostState>,
     /// Live instances of this version; see [`Plugin::instances`].
     instances: AtomicUsize,
-    /// Keeps the epoch ticker (every call's deadline) running while this
-    /// plugin can run.
-    _ticker: Arc<runtime::Ticker>,
+    /// The epoch ticker (every call's deadline): kept running while this
+    /// plugin can run, and told when a call does.
+    ticker: Arc<runtime::Ticker>,
 }
 
 impl Plugin {
