@@ -385,7 +385,7 @@ fn reload_errors_are_one_line() {
     let empty = scratch_file("empty.wasm", b"\0asm\x0d\0\x01\0");
     one_line_error(
         &reload(&control, &["--plugin", empty.to_str().expect("utf-8 path")]),
-        &["does not export `wasm-echo:plugin/udp@0.1.0`"],
+        &["does not export `wasm-echo:plugin/udp@0.2.0`"],
     );
     // Nothing changed.
     assert_eq!(udp_ask(&udp_client(server.udp()), b"same"), b"same");
