@@ -12,10 +12,13 @@
 //! back from the files.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use wasm_echo::recording::RecordSettings;
 use wasm_echo::server::{Operations, Server};
+use wasm_echo::tenant::Tenant;
 
 use crate::load::{self, Budget, Latency, Rate, quantile};
 use crate::report::cell;
@@ -58,6 +61,9 @@ pub struct Side {
     udp: Latency,
     tcp: Latency,
     flood: Vec<Rate>,
+    /// Records offered to the writer and dropped, per workload (UDP
+    /// ping-pong, TCP ping-pong, UDP flood): only the recording side has any.
+    records: [(u64, u64); 3],
 }
 
 /// Both servers' figures, and what the recording wrote.
@@ -86,8 +92,8 @@ pub fn measure(
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("traffic.jsonl");
-    let off = servers.block_on(start(None))?;
-    let on = servers.block_on(start(Some(RecordSettings {
+    let (off, _) = servers.block_on(start(None))?;
+    let (on, tenants) = servers.block_on(start(Some(RecordSettings {
         path: path.clone(),
         max_size: CAP,
         keep: RecordSettings::DEFAULT_KEEP,
@@ -112,9 +118,21 @@ pub fn measure(
                 if recording { "on" } else { "off" }
             );
             clients.block_on(async {
+                let before = tally(&tenants);
                 let udp = load::udp_ping_pong(addrs.udp, SIZE, budget).await?;
+                let after_udp = tally(&tenants);
                 let tcp = load::tcp_ping_pong(addrs.tcp, SIZE, budget).await?;
+                let after_tcp = tally(&tenants);
                 let flood = load::udp_flood(addrs.udp, SIZE, 4, 16, budget).await?;
+                let after_flood = tally(&tenants);
+                for (slot, (from, to)) in side.records.iter_mut().zip([
+                    (before, after_udp),
+                    (after_udp, after_tcp),
+                    (after_tcp, after_flood),
+                ]) {
+                    slot.0 += to.0 - from.0;
+                    slot.1 += to.1 - from.1;
+                }
                 side.udp.samples.extend(udp.samples);
                 side.udp.lost += udp.lost;
                 side.tcp.samples.extend(tcp.samples);
@@ -143,16 +161,33 @@ pub fn measure(
     Ok(figures)
 }
 
-/// The benchmark's `echo` server, recording with `record` if given.
-async fn start(record: Option<RecordSettings>) -> anyhow::Result<Addrs> {
+/// The benchmark's `echo` server, recording with `record` if given, and
+/// its tenants (whose recordings [`tally`] reads).
+async fn start(record: Option<RecordSettings>) -> anyhow::Result<(Addrs, Vec<Arc<Tenant>>)> {
     let mut config = targets::listener_config("echo", 1_000)?;
     for listener in &mut config.listeners {
         listener.record = record.clone();
     }
     let server = Server::bind(config, Operations::default()).await?;
     let addrs = targets::addrs_of(&server)?;
+    let tenants = server.tenants().to_vec();
     tokio::spawn(server.run(std::future::pending()));
-    Ok(addrs)
+    Ok((addrs, tenants))
+}
+
+/// Records offered and dropped so far, over every tenant's recording.
+fn tally(tenants: &[Arc<Tenant>]) -> (u64, u64) {
+    tenants
+        .iter()
+        .filter_map(|tenant| tenant.recorder())
+        .map(|recorder| {
+            let tally = recorder.tally();
+            (
+                tally.offered.load(Ordering::Relaxed),
+                tally.dropped.load(Ordering::Relaxed),
+            )
+        })
+        .fold((0, 0), |sum, one| (sum.0 + one.0, sum.1 + one.1))
 }
 
 /// p50, p99 and p99.9 in microseconds.
@@ -201,5 +236,24 @@ pub fn print(figures: &Figures) {
             side.udp.lost + side.tcp.lost,
             cell(Some(median_rate(&side.flood))),
         );
+    }
+    println!();
+    println!(
+        "Records the recording server offered to its writer, and dropped because the queue was full \
+         (the writer runs at the lowest priority and gives way to serving):"
+    );
+    println!();
+    println!("| workload | records | dropped | dropped % |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (workload, (offered, dropped)) in ["UDP ping-pong", "TCP ping-pong", "UDP flood"]
+        .iter()
+        .zip(figures.on.records)
+    {
+        let share = if offered == 0 {
+            0.0
+        } else {
+            dropped as f64 * 100.0 / offered as f64
+        };
+        println!("| {workload} | {offered} | {dropped} | {share:.1} |");
     }
 }

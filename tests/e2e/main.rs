@@ -17,6 +17,8 @@ mod faults;
 mod framing;
 /// The documents' exchange, `exit`, their Python clients and shutdown.
 mod hello;
+/// An idle server sleeps, and wakes for the next call's deadline.
+mod idle;
 /// Plugin output (log calls, stdout, stderr, panics) reaches the log bounded and escaped.
 mod logs;
 /// `/metrics` counts exactly the traffic sent; JSON logs; `status`.

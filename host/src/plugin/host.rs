@@ -23,6 +23,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::{self, Level};
 use super::limits::{DeadlineExceeded, LimitExceeded, Limits};
 use super::output::{self, GuestOutput, LogBudget};
+use super::runtime::Ticker;
 
 /// The most WASI handles (pollables, streams, other resources) one instance
 /// may hold at once. A guest that leaks them gets an error from the call
@@ -163,12 +164,19 @@ pub struct HostState {
     pub(super) peer: Option<SocketAddr>,
     /// When the current call began; the epoch callback measures from here.
     pub(super) call_started: Instant,
+    /// The epoch ticker driving this instance's deadlines, told of each
+    /// call so that it ticks only while calls run.
+    pub(super) ticker: Arc<Ticker>,
     wasi: WasiCtx,
     table: ResourceTable,
 }
 
 impl HostState {
-    pub(super) fn new(settings: Arc<InstanceSettings>, plugin: Arc<str>) -> Self {
+    pub(super) fn new(
+        settings: Arc<InstanceSettings>,
+        plugin: Arc<str>,
+        ticker: Arc<Ticker>,
+    ) -> Self {
         let sink = |stream| GuestOutput {
             settings: settings.clone(),
             plugin: plugin.clone(),
@@ -202,6 +210,7 @@ impl HostState {
             plugin,
             peer: None,
             call_started: Instant::now(),
+            ticker,
             wasi,
             table,
         }

@@ -21,7 +21,7 @@ use super::bindings::{Connection, Decision, Endpoint, Exports, SavedState, Versi
 use super::host::{HostState, InstanceSettings};
 use super::limits::{DeadlineExceeded, LimitExceeded};
 use super::output::escape;
-use super::runtime::one_line;
+use super::runtime::{Busy, one_line};
 
 /// Why a call into a plugin failed. The message it was handling fails with
 /// it; the instance must not be used again.
@@ -94,7 +94,7 @@ impl Instance {
     ) -> Result<Self, CallError> {
         let mut store = Store::new(
             plugin.pre.engine(),
-            HostState::new(settings, plugin.name.clone()),
+            HostState::new(settings, plugin.name.clone(), plugin.ticker.clone()),
         );
         store.limiter(HostState::limiter);
         store.epoch_deadline_callback(|mut ctx| ctx.data_mut().on_epoch_tick());
@@ -231,14 +231,22 @@ impl Drop for Instance {
     }
 }
 
+/// A call's deadline, and its place among the calls in flight (which keeps
+/// the epoch ticker ticking until the call is over).
+struct Deadline {
+    after: Duration,
+    _busy: Busy,
+}
+
 /// Starts the deadline of the call about to be made, and returns it.
-fn start_call(store: &mut Store<HostState>, peer: Option<SocketAddr>) -> Duration {
+fn start_call(store: &mut Store<HostState>, peer: Option<SocketAddr>) -> Deadline {
     let state = store.data_mut();
+    let busy = state.ticker.busy();
     state.call_started = Instant::now();
     state.peer = peer;
-    let deadline = state.call_timeout();
+    let after = state.call_timeout();
     store.set_epoch_deadline(1);
-    deadline
+    Deadline { after, _busy: busy }
 }
 
 /// Runs one call into the guest, abandoning it at `deadline` whatever the
@@ -249,12 +257,12 @@ fn start_call(store: &mut Store<HostState>, peer: Option<SocketAddr>) -> Duratio
 /// Dropping the call's future unwinds the guest's fiber (wasmtime cancels
 /// it); the caller must then drop the instance, as for any failed call.
 async fn within<T>(
-    deadline: Duration,
+    deadline: Deadline,
     call: impl Future<Output = wasmtime::Result<T>>,
 ) -> Result<T, CallError> {
-    match tokio::time::timeout(deadline, call).await {
+    match tokio::time::timeout(deadline.after, call).await {
         Ok(result) => Ok(result?),
-        Err(_elapsed) => Err(CallError::Deadline(DeadlineExceeded(deadline))),
+        Err(_elapsed) => Err(CallError::Deadline(DeadlineExceeded(deadline.after))),
     }
 }
 

@@ -208,9 +208,9 @@ pub struct Plugin {
     exports: bindings::ExportIndices,
     /// Live instances of this version; see [`Plugin::instances`].
     instances: AtomicUsize,
-    /// Keeps the epoch ticker (every call's deadline) running while this
-    /// plugin can run.
-    _ticker: Arc<runtime::Ticker>,
+    /// The epoch ticker (every call's deadline): kept running while this
+    /// plugin can run, and told when a call does.
+    ticker: Arc<runtime::Ticker>,
 }
 
 impl Plugin {

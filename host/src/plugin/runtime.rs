@@ -4,6 +4,12 @@
 //! the one epoch-ticker thread of the process that drives every call's
 //! deadline.
 //!
+//! The ticker ticks only while calls run: each call counts itself in flight
+//! for as long as guest code may run ([`Ticker::busy`]), and once no call
+//! has been seen in flight for [`LINGER`] the ticker parks until the next
+//! call wakes it. An idle server therefore wakes no thread at all, and a
+//! busy one pays for a wake-up at most once per [`LINGER`], not per call.
+//!
 //! Instances come from wasmtime's pooling allocator: the address space for
 //! every instance's memory, tables, metadata and async stack is reserved
 //! once, at start-up, sized by [`PoolSize`], and a new connection's instance
@@ -13,9 +19,9 @@
 //! kernel's limit on mappings. Each instance still has its own slot: nothing
 //! is shared between connections or tenants.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::thread;
+use std::sync::{Arc, OnceLock};
+use std::thread::{self, Thread};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -30,6 +36,11 @@ use super::{Limits, LoadError, Plugin, PluginSource, bindings};
 /// How often the epoch advances: the granularity of deadlines, and how
 /// often a long-running call yields its thread to other work.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// How long the ticker goes on ticking after it last saw a call in flight,
+/// before it parks. Calls shorter than a tick are mostly not seen, so under
+/// steady traffic it parks about this often and the next call wakes it.
+const LINGER: Duration = Duration::from_millis(100);
 
 /// The size of a WebAssembly page.
 const WASM_PAGE: usize = 64 << 10;
@@ -140,17 +151,104 @@ pub struct Runtime {
     max_plugin_bytes: u64,
 }
 
-/// The epoch ticker's off switch. The runtime and every plugin it loaded
-/// hold it, so deadlines keep being enforced for as long as any plugin can
-/// still run, even after the `Runtime` itself is gone.
+/// The epoch ticker's handle. The runtime and every plugin it loaded hold
+/// it, so deadlines keep being enforced for as long as any plugin can still
+/// run, even after the `Runtime` itself is gone; the last one dropped stops
+/// the thread.
 #[derive(Debug)]
 pub(super) struct Ticker {
-    stop: Arc<AtomicBool>,
+    state: &'static TickerState,
+}
+
+/// What the ticker thread and the calls share. It is leaked (a few bytes
+/// per runtime, and a process has one), so that a call's [`Busy`] is a
+/// plain reference, not a reference count touched twice a call.
+#[derive(Debug, Default)]
+pub(super) struct TickerState {
+    /// Calls that may be running guest code now.
+    in_flight: AtomicUsize,
+    /// Set by the ticker just before it parks; a call that sees it wakes
+    /// the ticker.
+    parked: AtomicBool,
+    /// Set when the last handle goes.
+    stop: AtomicBool,
+    /// The ticker thread, to wake it.
+    thread: OnceLock<Thread>,
+}
+
+/// A call in flight: the ticker keeps ticking while one exists.
+#[derive(Debug)]
+pub(super) struct Busy(&'static TickerState);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Ticker {
+    /// Starts the ticker thread advancing `engine`'s epoch.
+    fn start(engine: Engine) -> std::io::Result<Self> {
+        let state: &'static TickerState = Box::leak(Box::default());
+        let thread = thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || state.run(&engine))?;
+        let _ = state.thread.set(thread.thread().clone());
+        Ok(Self { state })
+    }
+
+    /// Counts a call in flight until the returned guard is dropped, waking
+    /// the ticker if it is parked.
+    pub(super) fn busy(&self) -> Busy {
+        let state = self.state;
+        state.in_flight.fetch_add(1, Ordering::SeqCst);
+        // Either this sees `parked`, or the ticker, which sets `parked`
+        // before it looks at `in_flight` (both sequentially consistent),
+        // sees this call and does not park.
+        if state.parked.load(Ordering::SeqCst)
+            && let Some(thread) = state.thread.get()
+        {
+            thread.unpark();
+        }
+        Busy(state)
+    }
 }
 
 impl Drop for Ticker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.state.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.state.thread.get() {
+            thread.unpark();
+        }
+    }
+}
+
+impl TickerState {
+    /// The ticker thread: ticks every [`EPOCH_TICK`] while calls run,
+    /// parks after [`LINGER`] without one.
+    fn run(&self, engine: &Engine) {
+        let linger = (LINGER.as_nanos() / EPOCH_TICK.as_nanos()).max(1);
+        let mut quiet = 0;
+        while !self.stop.load(Ordering::SeqCst) {
+            if self.in_flight.load(Ordering::SeqCst) > 0 {
+                quiet = 0;
+            } else {
+                quiet += 1;
+                if quiet >= linger {
+                    self.parked.store(true, Ordering::SeqCst);
+                    if self.in_flight.load(Ordering::SeqCst) == 0
+                        && !self.stop.load(Ordering::SeqCst)
+                    {
+                        thread::park();
+                    }
+                    self.parked.store(false, Ordering::SeqCst);
+                    quiet = 0;
+                    continue;
+                }
+            }
+            thread::sleep(EPOCH_TICK);
+            engine.increment_epoch();
+        }
     }
 }
 
@@ -225,24 +323,11 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         host::capabilities(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
 
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        let ticker = {
-            let engine = engine.clone();
-            let stop = ticker_stop.clone();
-            move || {
-                while !stop.load(Ordering::Relaxed) {
-                    thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
-                }
-            }
-        };
-        thread::Builder::new()
-            .name("epoch-ticker".into())
-            .spawn(ticker)?;
+        let ticker = Ticker::start(engine.clone())?;
         Ok(Self {
             engine,
             linker,
-            ticker: Arc::new(Ticker { stop: ticker_stop }),
+            ticker: Arc::new(ticker),
             max_plugin_bytes: super::DEFAULT_MAX_PLUGIN_SIZE,
         })
     }
@@ -316,7 +401,7 @@ impl Runtime {
             pre,
             exports,
             instances: AtomicUsize::new(0),
-            _ticker: self.ticker.clone(),
+            ticker: self.ticker.clone(),
         })
     }
 }

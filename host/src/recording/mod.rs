@@ -178,6 +178,19 @@ pub struct Record {
     pub outcome: Outcome,
 }
 
+/// What a recording has written and dropped so far, for the benchmark
+/// and tests (the same figures as the `wasm_echo_records*` metrics, which
+/// count only when a metrics endpoint is installed).
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Records offered to the writer.
+    pub offered: AtomicU64,
+    /// Records written to a file.
+    pub written: AtomicU64,
+    /// Records dropped: the queue was full, or writing failed.
+    pub dropped: AtomicU64,
+}
+
 /// What the writer thread is sent: a record, boxed so that the queue's
 /// slots stay small.
 enum Message {
@@ -203,6 +216,8 @@ pub struct Recorder {
     done: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
     /// Tells the writer to finish once the queue is empty.
     closing: Arc<std::sync::atomic::AtomicBool>,
+    /// What was written and dropped.
+    tally: Arc<Tally>,
     path: PathBuf,
 }
 
@@ -230,7 +245,8 @@ impl Recorder {
         let (sender, queue) = std::sync::mpsc::sync_channel(QUEUE);
         let (done_tx, done) = tokio::sync::oneshot::channel();
         let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let writer = writer::Writer::open(settings, listener, plugin_config)?;
+        let tally = Arc::new(Tally::default());
+        let writer = writer::Writer::open(settings, listener, plugin_config, tally.clone())?;
         let (l, c) = (listener.to_owned(), closing.clone());
         std::thread::Builder::new()
             .name(format!("record {listener}"))
@@ -261,6 +277,7 @@ impl Recorder {
             dropped_full: counter!("wasm_echo_records_dropped_total", "listener" => listener.to_owned(), "reason" => "full"),
             done: std::sync::Mutex::new(Some(done)),
             closing,
+            tally,
             path: settings.path.clone(),
         })
     }
@@ -268,6 +285,11 @@ impl Recorder {
     /// The file it writes.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What it has written and dropped so far.
+    pub fn tally(&self) -> &Tally {
+        &self.tally
     }
 
     /// Whether the next exchange (a datagram, or a whole TCP connection) is
@@ -292,10 +314,12 @@ impl Recorder {
         if self.closing.load(Ordering::Relaxed) {
             return;
         }
+        self.tally.offered.fetch_add(1, Ordering::Relaxed);
         match self.sender.try_send(Message::Record(Box::new(record))) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.dropped_full.increment(1);
+                self.tally.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -375,6 +399,7 @@ mod tests {
             dropped_full: Counter::noop(),
             done: std::sync::Mutex::new(None),
             closing: Arc::default(),
+            tally: Arc::default(),
             path: PathBuf::new(),
         };
         let record = || Record {
@@ -398,5 +423,6 @@ mod tests {
                 .try_send(Message::Record(Box::new(record())))
                 .is_err()
         );
+        assert_eq!(recorder.tally().dropped.load(Ordering::Relaxed), 999);
     }
 }
