@@ -72,7 +72,10 @@ impl state::Guest for CounterNext {
     fn restore(previous: VersionInfo, state: SavedState) -> Result<(), String> {
         match fault().as_str() {
             "restore-trap" => panic!("counter-next: asked to trap in restore"),
-            "restore-refuse" => Err(format!("counter-next refuses the state of {}", previous.name)),
+            "restore-refuse" => Err(format!(
+                "counter-next refuses the state of {}",
+                previous.name
+            )),
             "restore-spin" => loop {
                 std::hint::spin_loop();
             },

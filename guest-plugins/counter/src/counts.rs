@@ -52,7 +52,9 @@ pub fn encode() -> Vec<u8> {
 /// An unknown schema, or data that is not schema 1.
 pub fn decode(schema: u32, data: &[u8]) -> Result<(), String> {
     if schema != SCHEMA {
-        return Err(format!("unknown schema {schema} (this version reads {SCHEMA})"));
+        return Err(format!(
+            "unknown schema {schema} (this version reads {SCHEMA})"
+        ));
     }
     let text = std::str::from_utf8(data).map_err(|e| format!("not text: {e}"))?;
     let mut lines = text.lines();
