@@ -120,7 +120,7 @@ impl ExportIndices {
             ContractVersion::V0_2 => Self::V0_2 {
                 udp: udp::GuestIndices::new(pre)?,
                 tcp: tcp::GuestIndices::new(pre)?,
-                state: match component.get_export_index(None, &version.interface("state")) {
+                state: match component.get_export_index(None, version.interface("state")) {
                     Some(_) => Some(state::GuestIndices::new(pre)?),
                     None => None,
                 },
@@ -194,7 +194,7 @@ impl ExportIndices {
 fn exports_any(component: &Component, version: ContractVersion) -> bool {
     ["udp", "tcp", "state"].iter().any(|name| {
         component
-            .get_export_index(None, &version.interface(name))
+            .get_export_index(None, version.interface(name))
             .is_some()
     })
 }
