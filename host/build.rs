@@ -20,7 +20,7 @@ use std::process::{Command, ExitCode};
 /// Plugins embedded in the `wasm-echo` binary, usable by name.
 const BUILTIN: &[&str] = &["hello", "echo", "counter"];
 /// Plugins that only the tests use.
-const TEST_ONLY: &[&str] = &["trap", "hostile"];
+const TEST_ONLY: &[&str] = &["counter-next", "trap", "hostile"];
 const TARGET: &str = "wasm32-wasip2";
 
 /// What `WASM_ECHO_SKIP_TESTS` (a comma-separated list) may name: things an
@@ -105,7 +105,8 @@ fn build() -> Result<(), String> {
 
     let artifacts = target_dir.join(TARGET).join("release");
     let artifact = |name: &str| -> Result<PathBuf, String> {
-        let path = artifacts.join(format!("{name}.wasm"));
+        // A crate's artifact is named with `_` where its name has `-`.
+        let path = artifacts.join(format!("{}.wasm", name.replace('-', "_")));
         if path.is_file() {
             Ok(path)
         } else {
@@ -136,7 +137,7 @@ fn build() -> Result<(), String> {
             test_only,
             "/// The `{name}` guest plugin, built from guest-plugins/{name}.\n\
              pub const {}: &str = {:?};",
-            name.to_uppercase(),
+            name.to_uppercase().replace('-', "_"),
             path.display().to_string()
         )
         .map_err(|e| e.to_string())?;

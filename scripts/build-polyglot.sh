@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds the Python, JavaScript and C guest plugins (hello and echo) into
-# WebAssembly components for the wit/plugin.wit world:
+# WebAssembly components for the wit/plugin.wit world, and the Python
+# counter for its stateful-plugin world:
 #
 #   scripts/build-polyglot.sh OUTDIR
 #
-# writes OUTDIR/{hello,echo}-{python,js,c}.wasm, and OUTDIR/toolchains.env
+# writes OUTDIR/{hello,echo}-{python,js,c}.wasm, OUTDIR/counter-python.wasm,
+# and OUTDIR/toolchains.env
 # saying where the toolchains are (TOOLCHAIN_PATH: the directories of
 # componentize-py, componentize-js, wit-bindgen and wasm-tools; WASI_ADAPTER:
 # the preview 1 reactor adapter) for `wasm-echo new` projects and the tests
@@ -185,13 +187,14 @@ timed C ensure_c
 
 # Each plugin is built from a copy of its module alone, so that a component
 # carries only its own code and componentize-py leaves no __pycache__ behind.
-build_python() { # PLUGIN
+build_python() { # PLUGIN [WORLD]
     local src=$ROOT/guest-plugins/python out=$OUT/$1-python.wasm stage=$TOOLS/build/python/$1
+    local world=${2:-plugin}
     up_to_date "$out" "$src/$1.py" "$WIT" "$SELF" "$TOOLS/venv/bin/componentize-py" && return
     note "Python: building $out"
     rm -rf "$stage" && mkdir -p "$stage" && cp "$src/$1.py" "$stage/"
     logged "$LOGS/build-$1-python.log" "Python: componentize-py failed to build $1" \
-        "$TOOLS/venv/bin/componentize-py" -d "$WIT" -w plugin componentize -p "$stage" "$1" -o "$out.tmp"
+        "$TOOLS/venv/bin/componentize-py" -d "$WIT" -w "$world" componentize -p "$stage" "$1" -o "$out.tmp"
     mv "$out.tmp" "$out"
 }
 
@@ -233,6 +236,8 @@ build_c() { # PLUGIN
 }
 
 for plugin in "${PLUGINS[@]}"; do build_python "$plugin"; done
+# Hands its counts over to the next version (and takes the Rust counter's).
+build_python counter stateful-plugin
 for plugin in "${PLUGINS[@]}"; do build_js "$plugin"; done
 for plugin in "${PLUGINS[@]}"; do build_c "$plugin"; done
 
@@ -251,3 +256,4 @@ for lang in python js c; do
         printf '  %-18s %9d bytes\n' "$plugin-$lang.wasm" "$(stat -c %s "$f")"
     done
 done
+[[ -s $OUT/counter-python.wasm ]] || die "python: $OUT/counter-python.wasm was not built"

@@ -78,6 +78,9 @@ pub fn listener_config(plugin: &str, connections: usize) -> anyhow::Result<Serve
         },
         honor_stop: false,
         on_failure: FailurePolicy::default(),
+        upgrade_connections: false,
+        on_migration_failure: Default::default(),
+        max_state: wasm_echo::config::DEFAULT_MAX_STATE,
         record: None,
     };
     Ok(ServerConfig {

@@ -2,7 +2,7 @@
 // message, and stops the listener when a peer says `exit`.
 // Built into a component by scripts/build-polyglot.sh with componentize-js.
 
-import { log, getConfig } from "wasm-echo:plugin/host@0.1.0";
+import { log, getConfig } from "wasm-echo:plugin/host@0.2.0";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder(); // lossy: bad bytes become U+FFFD

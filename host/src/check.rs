@@ -1,5 +1,6 @@
 //! `wasm-echo check`: loads a plugin the way `serve` would, instantiates it
-//! once, and reports what it imports and exports.
+//! once, and reports which contract version it implements, which optional
+//! parts it offers, and what it imports and exports.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -18,7 +19,17 @@ pub async fn check(runtime: &Runtime, source: &PluginSource) -> anyhow::Result<S
     Instance::new(&plugin, Arc::new(settings))
         .await
         .map_err(|error| anyhow::anyhow!("{source} fails to start: {error}"))?;
-    let mut report = format!("ok: {source} is a wasm-echo:plugin@0.1.0 component\nimports:\n");
+    let contract = plugin.contract();
+    let optional = contract.optional_parts();
+    let offers = if optional.is_empty() {
+        "no optional parts".to_owned()
+    } else {
+        format!("optional parts: {}", optional.join(", "))
+    };
+    let mut report = format!(
+        "ok: {source} is a wasm-echo:plugin@{} component ({offers})\nimports:\n",
+        contract.version.number()
+    );
     for name in plugin.imports() {
         let _ = writeln!(report, "  {name}");
     }

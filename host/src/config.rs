@@ -21,6 +21,12 @@ use serde::Deserialize;
 use crate::framing::{DEFAULT_MAX_MESSAGE, Framing};
 use crate::plugin::{Limits, LogBudget, PluginConfig, PluginSource, PoolSize};
 use crate::recording::RecordSettings;
+use crate::tenant::MigrationFailurePolicy;
+
+/// The largest state handed between versions unless `max-state` says
+/// otherwise: far more than counters and session tables need, small
+/// enough that a plugin cannot make a swap copy much.
+pub const DEFAULT_MAX_STATE: usize = 1 << 20;
 
 /// A whole server's configuration, resolved and checked.
 #[derive(Clone, Debug)]
@@ -61,6 +67,13 @@ pub struct ListenerConfig {
     pub honor_stop: bool,
     /// What a message gets when its plugin call fails.
     pub on_failure: FailurePolicy,
+    /// Whether open TCP connections move to a new version (with their
+    /// state) after a swap, instead of finishing on theirs.
+    pub upgrade_connections: bool,
+    /// What a session gets when its state cannot be handed over.
+    pub on_migration_failure: MigrationFailurePolicy,
+    /// The largest state a plugin may hand to its next version, in bytes.
+    pub max_state: usize,
     /// Where and how its traffic is recorded, if it is (`record`).
     pub record: Option<RecordSettings>,
 }
@@ -199,6 +212,10 @@ pub struct RawListener {
     pub max_message: Option<usize>,
     pub honor_stop: Option<bool>,
     pub on_failure: Option<FailurePolicy>,
+    pub upgrade_connections: Option<bool>,
+    pub on_migration_failure: Option<MigrationFailurePolicy>,
+    #[serde(default, deserialize_with = "size")]
+    pub max_state: Option<usize>,
     #[serde(default, deserialize_with = "duration")]
     pub call_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "size")]
@@ -614,6 +631,13 @@ impl RawListener {
             traffic,
             honor_stop: self.honor_stop.unwrap_or(true),
             on_failure: self.on_failure.unwrap_or_default(),
+            upgrade_connections: self.upgrade_connections.unwrap_or(false),
+            on_migration_failure: self.on_migration_failure.unwrap_or_default(),
+            max_state: check_size(
+                "max-state",
+                self.max_state.unwrap_or(DEFAULT_MAX_STATE),
+                0..=64 << 20,
+            )?,
             name,
         })
     }

@@ -18,6 +18,7 @@
 //! | `wasm_echo_rejected_connections_total` | listener |
 //! | `wasm_echo_open_connections` | listener |
 //! | `wasm_echo_reloads_total` | listener, result (ok: swapped, unchanged: the same bytes again, failed) |
+//! | `wasm_echo_migrations_total` (sessions moved to a new version after a swap) | listener, outcome (migrated: with state, fresh: nothing to hand over, skipped: a connection left where it was, kept: hand-over failed and stayed, reset: hand-over failed and moved without state) |
 //! | `wasm_echo_plugin_failures_total` | listener, version, kind (trap, deadline, memory, reply) |
 //! | `wasm_echo_plugin_call_seconds`, `wasm_echo_instantiation_seconds` (histograms) | listener, version |
 //! | `wasm_echo_instances` | listener, version |
@@ -405,6 +406,11 @@ impl ListenerMetrics {
             ReloadOutcome::Failed => "failed",
         };
         counter!("wasm_echo_reloads_total", "listener" => self.listener.clone(), "result" => result).increment(1);
+    }
+
+    /// A session moved to a new version, or did not (`outcome`).
+    pub fn migrated(&self, outcome: crate::tenant::MigrationOutcome) {
+        counter!("wasm_echo_migrations_total", "listener" => self.listener.clone(), "outcome" => outcome.label()).increment(1);
     }
 
     /// The series of one version of this listener's plugin; see

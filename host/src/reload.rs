@@ -2,8 +2,11 @@
 //! version off the serving path (Cranelift runs on tokio's blocking pool),
 //! starts one instance of it to make sure it comes up, and only then swaps
 //! it in atomically. New datagrams and new connections get the new version;
-//! open connections keep theirs until they close, and a version's code is
-//! freed with its last instance. A reload that fails changes nothing.
+//! the UDP listener's instance moves to it at once (with its state, if both
+//! versions offer `state`), and so do open connections of a listener with
+//! `upgrade-connections`; other connections keep their version until they
+//! close, and a version's code is freed with its last instance. A reload
+//! that fails changes nothing.
 //!
 //! What asks for a reload (the control socket, SIGHUP, the file watcher)
 //! lives in [`crate::control`] and [`crate::watch`].
@@ -80,6 +83,16 @@ pub struct Swap {
     /// Instances of the previous version still alive: open connections
     /// finishing on it.
     pub still_on_previous: usize,
+    /// Instances that moved to the new version with their state.
+    #[serde(default)]
+    pub migrated: usize,
+    /// Instances that moved to the new version without state.
+    #[serde(default)]
+    pub fresh: usize,
+    /// Instances whose hand-over failed (or was skipped) and that stayed
+    /// on the previous version.
+    #[serde(default)]
+    pub kept: usize,
     /// Whether anything changed (a reload of identical bytes swaps nothing).
     pub swapped: bool,
     /// With `serve --watch`, when the swap changed where the plugin comes
@@ -95,13 +108,19 @@ impl fmt::Display for Swap {
         if self.swapped {
             write!(
                 f,
-                "listener `{}`: {} -> {} (loaded {}); {} instance(s) still on {}",
-                self.listener,
-                self.previous,
-                self.current,
-                self.loaded_at,
-                self.still_on_previous,
-                self.previous
+                "listener `{}`: {} -> {} (loaded {}); {} instance(s) migrated with their state",
+                self.listener, self.previous, self.current, self.loaded_at, self.migrated,
+            )?;
+            if self.fresh > 0 {
+                write!(f, ", {} moved without state", self.fresh)?;
+            }
+            if self.kept > 0 {
+                write!(f, ", {} kept on {}", self.kept, self.previous)?;
+            }
+            write!(
+                f,
+                "; {} instance(s) still on {}",
+                self.still_on_previous, self.previous
             )?;
             match &self.watching {
                 Some(watching) => write!(f, "; {watching}"),
@@ -266,9 +285,11 @@ impl Reloader {
         let mut swaps = Vec::new();
         let mut moved = false;
         for (tenant, current, plugin, swapped) in ready {
-            if swapped {
-                tenant.swap(plugin.clone());
-            }
+            let migrations = if swapped {
+                tenant.swap(plugin.clone()).await
+            } else {
+                crate::tenant::Migrations::default()
+            };
             let watching =
                 (swapped && plugin.source() != current.source() && self.sources.get().is_some())
                     .then(|| {
@@ -287,6 +308,9 @@ impl Reloader {
                 current: live.version(),
                 loaded_at: humantime::format_rfc3339_millis(live.loaded_at()).to_string(),
                 still_on_previous: if swapped { current.instances() } else { 0 },
+                migrated: migrations.migrated,
+                fresh: migrations.fresh,
+                kept: migrations.kept,
                 swapped,
                 watching,
             };

@@ -55,11 +55,11 @@ fn a_component_for_another_world_names_the_missing_export() {
         &output,
         &[
             "does not implement the wasm-echo:plugin world",
-            "wasm-echo:plugin/udp@0.1.0",
+            "wasm-echo:plugin/udp@0.2.0",
         ],
     );
     let output = run(&["check", path.to_str().expect("utf-8 path")]);
-    one_line_error(&output, &["wasm-echo:plugin/udp@0.1.0"]);
+    one_line_error(&output, &["wasm-echo:plugin/udp@0.2.0"]);
 }
 
 #[test]
@@ -98,9 +98,17 @@ fn a_bad_limit_is_refused_by_the_parser() {
     assert!(stderr.contains("expected a size like 64MiB"), "{stderr}");
 }
 
+/// `check` names the contract version and the optional parts, for plugins
+/// of both versions (echo and trap stay at 0.1.0 on purpose).
 #[test]
-fn check_reports_imports_and_exports() {
-    for plugin in ["hello", "echo", "counter", plugins::TRAP] {
+fn check_reports_contract_imports_and_exports() {
+    let cases = [
+        ("hello", "0.2.0", "(no optional parts)"),
+        ("echo", "0.1.0", "(no optional parts)"),
+        ("counter", "0.2.0", "(optional parts: state)"),
+        (plugins::TRAP, "0.1.0", "(no optional parts)"),
+    ];
+    for (plugin, version, parts) in cases {
         let output = run(&["check", plugin]);
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
@@ -108,13 +116,31 @@ fn check_reports_imports_and_exports() {
             "{plugin}: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        assert!(stdout.starts_with("ok: "), "{stdout}");
-        assert!(stdout.contains("  wasm-echo:plugin/udp@0.1.0"), "{stdout}");
-        assert!(stdout.contains("  wasm-echo:plugin/tcp@0.1.0"), "{stdout}");
+        let first = stdout.lines().next().unwrap_or_default();
+        assert!(first.starts_with("ok: "), "{stdout}");
+        assert!(
+            first.ends_with(&format!(
+                "is a wasm-echo:plugin@{version} component {parts}"
+            )),
+            "{plugin}: {first}"
+        );
+        assert!(
+            stdout.contains(&format!("  wasm-echo:plugin/udp@{version}")),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("  wasm-echo:plugin/tcp@{version}")),
+            "{stdout}"
+        );
     }
+    let stdout = String::from_utf8_lossy(&run(&["check", "counter"]).stdout).into_owned();
+    assert!(
+        stdout.contains("  wasm-echo:plugin/state@0.2.0"),
+        "{stdout}"
+    );
     // `hello` reads its greetings through the host interface.
     let stdout = String::from_utf8_lossy(&run(&["check", "hello"]).stdout).into_owned();
-    assert!(stdout.contains("  wasm-echo:plugin/host@0.1.0"), "{stdout}");
+    assert!(stdout.contains("  wasm-echo:plugin/host@0.2.0"), "{stdout}");
 }
 
 #[test]

@@ -102,7 +102,7 @@ fn a_plugin_for_another_world_is_refused() {
     assert_refused(
         &toml,
         "listeners.b-bad.plugin",
-        "does not export `wasm-echo:plugin/udp@0.1.0`",
+        "does not export `wasm-echo:plugin/udp@0.2.0`",
         addr,
     );
 }

@@ -23,6 +23,8 @@ mod idle;
 mod logs;
 /// `/metrics` counts exactly the traffic sent; JSON logs; `status`.
 mod metrics;
+// State hand-over between versions across a reload.
+mod migration;
 /// The hello and echo plugins in Python, JavaScript and C, held to the Rust ones' behaviour.
 mod polyglot;
 /// Hot reloads: under load, on file changes, on SIGHUP, and failed ones.

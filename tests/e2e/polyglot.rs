@@ -1,7 +1,8 @@
 //! The `hello` and `echo` plugins written in Python, JavaScript and C
 //! (guest-plugins/{python,js,c}) against the same contract as the Rust
 //! ones, held to the same behaviour: a contract change that breaks one
-//! language fails here.
+//! language fails here. The Python `counter` hands its counts over across
+//! a reload, to and from the Rust one.
 //!
 //! They are built by scripts/build-polyglot.sh (scripts/test.sh runs it),
 //! not by host/build.rs, since their toolchains are not Rust's; the folder
@@ -122,3 +123,39 @@ macro_rules! languages {
 }
 
 languages!(python, js, c);
+
+/// State hand-over across languages: the Rust counter's counts move to
+/// the Python counter (UDP, and a TCP connection upgraded on its socket),
+/// which goes on counting and hands them back to the Rust one.
+#[test]
+#[cfg_attr(skip_polyglot, ignore = "WASM_ECHO_SKIP_TESTS names polyglot")]
+fn python_counter_takes_over_the_rust_counters_counts_and_hands_them_back() {
+    let python = component(&built_dir(), "counter", "python");
+    let control = crate::common::control_path();
+    let toml = "[listeners.main]\nplugin = \"counter\"\nudp = \"127.0.0.1:0\"\n\
+                tcp = \"127.0.0.1:0\"\nupgrade-connections = true\n";
+    let server = Server::with_config_and(toml, 2, &["--control", control.to_str().expect("utf-8")]);
+    let reload = |plugin: &str| {
+        let output = crate::common::control("reload", &control, &["--plugin", plugin]);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            stdout.contains("; 2 instance(s) migrated with their state"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let socket = udp_client(server.udp());
+    let mut stream = tcp_client(server.tcp());
+    for count in [b"1", b"2"] {
+        assert_eq!(udp_ask(&socket, b"x"), count);
+        assert_eq!(tcp_ask(&mut stream, b"x", 1), count);
+    }
+    reload(&python);
+    for count in [b"3", b"4"] {
+        assert_eq!(udp_ask(&socket, b"x"), count, "Python goes on");
+        assert_eq!(tcp_ask(&mut stream, b"x", 1), count, "Python goes on");
+    }
+    reload("counter");
+    assert_eq!(udp_ask(&socket, b"x"), b"5", "back in Rust");
+    assert_eq!(tcp_ask(&mut stream, b"x", 1), b"5", "back in Rust");
+}

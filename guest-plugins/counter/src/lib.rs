@@ -3,23 +3,20 @@
 //! gives every connection its own instance, so the count is per connection),
 //! and each datagram with how many datagrams its peer (address and port) has
 //! sent to this listener.
+//!
+//! It targets `stateful-plugin`: when a reload swaps in a new version, it
+//! hands its counts over (schema 1, see [`counts`]), so they go on where
+//! they were.
 
 mod bindings {
-    wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
+    wit_bindgen::generate!({ path: "../../wit", world: "stateful-plugin" });
 }
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+mod counts;
 
+use bindings::exports::wasm_echo::plugin::state::{self, SavedState};
 use bindings::exports::wasm_echo::plugin::{tcp, udp};
-use bindings::wasm_echo::plugin::types::{Connection, Decision, Endpoint, Next};
-
-thread_local! {
-    /// Messages seen on this instance's TCP connection.
-    static MESSAGES: Cell<u64> = const { Cell::new(0) };
-    /// Datagrams seen per peer (`ip:port`) on this instance's UDP listener.
-    static PEERS: RefCell<HashMap<String, u64>> = RefCell::new(HashMap::new());
-}
+use bindings::wasm_echo::plugin::types::{Connection, Decision, Endpoint, Next, VersionInfo};
 
 struct Counter;
 
@@ -32,13 +29,7 @@ fn reply(count: u64) -> Decision {
 
 impl udp::Guest for Counter {
     fn on_datagram(peer: Endpoint, _data: Vec<u8>) -> Decision {
-        let key = format!("{}:{}", peer.ip, peer.port);
-        let count = PEERS.with_borrow_mut(|peers| {
-            let count = peers.entry(key).or_insert(0);
-            *count += 1;
-            *count
-        });
-        reply(count)
+        reply(counts::datagram(format!("{}:{}", peer.ip, peer.port)))
     }
 }
 
@@ -51,12 +42,23 @@ impl tcp::Guest for Counter {
     }
 
     fn on_message(_data: Vec<u8>) -> Decision {
-        let count = MESSAGES.get() + 1;
-        MESSAGES.set(count);
-        reply(count)
+        reply(counts::message())
     }
 
     fn on_close() {}
+}
+
+impl state::Guest for Counter {
+    fn snapshot() -> Option<SavedState> {
+        Some(SavedState {
+            schema: counts::SCHEMA,
+            data: counts::encode(),
+        })
+    }
+
+    fn restore(_previous: VersionInfo, state: SavedState) -> Result<(), String> {
+        counts::decode(state.schema, &state.data)
+    }
 }
 
 bindings::export!(Counter with_types_in bindings);

@@ -2,7 +2,7 @@
 //! sender unchanged. It never stops a listener or closes a connection.
 
 mod bindings {
-    wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
+    wit_bindgen::generate!({ path: "../../wit/0.1.0", world: "plugin" });
 }
 
 use bindings::exports::wasm_echo::plugin::{tcp, udp};

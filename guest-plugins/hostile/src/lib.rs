@@ -35,7 +35,7 @@
 //!   time (and which no replay reproduces from a live recording).
 
 mod bindings {
-    wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
+    wit_bindgen::generate!({ path: "../../wit/0.1.0", world: "plugin" });
 }
 
 use std::io::Write as _;

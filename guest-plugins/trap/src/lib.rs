@@ -6,7 +6,7 @@
 //! anything else is echoed.
 
 mod bindings {
-    wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
+    wit_bindgen::generate!({ path: "../../wit/0.1.0", world: "plugin" });
 }
 
 use bindings::exports::wasm_echo::plugin::{tcp, udp};

@@ -4,7 +4,11 @@
 //! connection.
 //!
 //! A connection keeps the plugin version it started with until it closes,
-//! even when a reload swaps in a new one: it never sees two versions.
+//! even when a reload swaps in a new one: it never sees two versions;
+//! unless its tenant has `upgrade-connections`: then it moves to the new
+//! version at its next message boundary (at once when it is waiting for
+//! the peer), on the same socket, handing its state over (see
+//! [`crate::tenant`]'s migration).
 //!
 //! A connection ends when its peer closes it, when nothing arrives for the
 //! tenant's idle timeout, or when the peer takes no byte of a reply for the
@@ -33,7 +37,7 @@ use crate::framing::{FrameError, Framed, MessageReader};
 use crate::metrics::{CloseReason, NoReply};
 use crate::plugin::{CallError, Connection, Decision, Next, endpoint};
 use crate::recording::{Event, Outcome, Record, Recorder};
-use crate::tenant::{Session, Tenant};
+use crate::tenant::{Open, Session, Tenant};
 
 /// The most of a connection's stream read (and handed to the plugin as one
 /// `raw` message) at a time: a busy stream is read in large pieces, so it
@@ -195,6 +199,10 @@ enum Failure {
     /// start.
     #[error("instantiation failed: {0}")]
     Start(#[source] CallError),
+    /// The hand-over to a new version failed in the old instance's
+    /// `snapshot`, and no fresh instance could take over.
+    #[error("the state hand-over to a new version failed and no instance could take over")]
+    Migration,
     /// The reply broke `max-reply`.
     #[error("{version}: {reason}")]
     Refused {
@@ -221,7 +229,7 @@ impl ConnectionTask {
         {
             tracing::debug!(listener, %peer, "TCP_NOTSENT_LOWAT not set: {error}");
         }
-        let mut session = match tenant.session().await {
+        let mut session = match tenant.session(tenant.upgrade_connections()).await {
             Ok(session) => session,
             Err(error) => {
                 tenant.record_failure();
@@ -331,6 +339,8 @@ impl ConnectionTask {
         let mut last_read = Instant::now();
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
+        let mut swaps = self.tenant.swaps();
+        let mut upgrading = self.tenant.upgrade_connections();
         loop {
             let next = if peer_closed {
                 reader.next_at_eof(&mut buf)
@@ -339,6 +349,9 @@ impl ConnectionTask {
             };
             match next {
                 Ok(Some(message)) => {
+                    if upgrading && let Some(end) = self.upgrade(session, &conn).await {
+                        return end;
+                    }
                     if let Some(end) = self.deliver(session, message).await {
                         return end;
                     }
@@ -361,6 +374,17 @@ impl ConnectionTask {
                     continue;
                 }
                 read = self.stream.read_buf(&mut buf) => read,
+                // Waiting for the peer is a message boundary: move now.
+                swapped = swaps.changed(), if upgrading => {
+                    match swapped {
+                        Ok(()) => if let Some(end) = self.upgrade(session, &conn).await {
+                            return end;
+                        },
+                        // The tenant is going away: no more swaps.
+                        Err(_) => upgrading = false,
+                    }
+                    continue;
+                }
             };
             match read {
                 Ok(0) => peer_closed = true,
@@ -372,6 +396,27 @@ impl ConnectionTask {
                 }
                 Err(error) => return End::Io(error),
             }
+        }
+    }
+
+    /// Moves the connection to the current version, if it runs another;
+    /// says whether the connection ends here (its old instance trapped in
+    /// `snapshot` and no fresh one could take over).
+    async fn upgrade(&mut self, session: &mut Session, conn: &Connection) -> Option<End> {
+        if self.tenant.is_current(session) {
+            return None;
+        }
+        let open = Open {
+            conn,
+            peer: self.peer,
+        };
+        let upgraded = tokio::select! {
+            () = &mut self.hard_stop => return Some(End::Abandoned),
+            upgraded = self.tenant.upgrade(session, Some(open)) => upgraded,
+        };
+        match upgraded {
+            (_, true) => None,
+            (_, false) => Some(End::Failed(Failure::Migration)),
         }
     }
 
@@ -449,7 +494,7 @@ impl ConnectionTask {
         if let Some(end) = self.send(echo).await {
             return Some(end);
         }
-        match self.tenant.session().await {
+        match self.tenant.session(self.tenant.upgrade_connections()).await {
             Ok(fresh) => *session = fresh,
             Err(error) => return Some(End::Failed(Failure::Start(error))),
         }

@@ -2,6 +2,11 @@
 //! lives as long as it behaves, one call per datagram, datagrams read and
 //! answered in batches.
 //!
+//! After a reload the listener's session moves to the new version at once,
+//! between two datagrams, handing its state over when both versions offer
+//! `state` (see [`crate::tenant`]'s migration): no datagram is handled by
+//! either version meanwhile.
+//!
 //! A datagram whose call fails gets no reply (or, for a tenant that fails
 //! open, its own bytes back); the failure is logged with the peer, the
 //! instance is dropped and a later datagram gets a fresh one, after a
@@ -113,6 +118,7 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
     let mut unsent = SendFailures::default();
     let mut session: Option<Session> = None;
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+    let mut swaps = tenant.swaps();
     // Made once: a fresh `cancelled()` per batch would register and
     // unregister a waiter (a lock each) every time round.
     let cancelled = shutdown.cancelled();
@@ -123,6 +129,11 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
             () = &mut cancelled => break,
             _ = housekeeping.tick() => {
                 tenant.forget_quiet_peers();
+                continue;
+            }
+            // Between two batches, so between two datagrams.
+            Ok(()) = swaps.changed() => {
+                upgrade(&tenant, &mut session).await;
                 continue;
             }
             ready = socket.readable() => if let Err(error) = ready {
@@ -253,12 +264,13 @@ async fn handle(
     peer: SocketAddr,
     data: &[u8],
 ) -> Option<Next> {
-    // After a reload, the next datagram is the new version's.
+    // After a reload, the next datagram is the new version's (the session
+    // has mostly moved already, when the swap was announced).
     if session
         .as_ref()
         .is_some_and(|live| !tenant.is_current(live))
     {
-        *session = None;
+        upgrade(tenant, session).await;
     }
     // A datagram that meets a backing-off tenant reaches no plugin and is
     // not recorded.
@@ -277,7 +289,7 @@ async fn handle(
             );
             return None;
         }
-        None => match tenant.session().await {
+        None => match tenant.session(true).await {
             Ok(fresh) => session.insert(fresh),
             Err(error) => {
                 if let Some(recorder) = recorder {
@@ -345,6 +357,17 @@ async fn handle(
         outbox.push(peer, reply);
     }
     Some(decision.next)
+}
+
+/// Moves the listener's session to the current version, with its state
+/// if it can; without a session there is nothing to move (the next
+/// datagram makes one on the current version).
+async fn upgrade(tenant: &Tenant, session: &mut Option<Session>) {
+    if let Some(live) = session
+        && !tenant.upgrade(live, None).await.1
+    {
+        *session = None;
+    }
 }
 
 /// A datagram whose plugin reply is not sent (`why`): counted, logged, and

@@ -251,7 +251,10 @@ impl HostState {
 /// error.
 pub fn capabilities(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_async(linker)?;
-    bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)
+    bindings::StatefulPlugin::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| {
+        state
+    })?;
+    bindings::v0_1::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)
 }
 
 impl WasiView for HostState {
@@ -272,6 +275,25 @@ impl bindings::wasm_echo::plugin::host::Host for HostState {
 
     fn get_config(&mut self, key: String) -> Option<String> {
         self.settings.config.get(&key).cloned()
+    }
+}
+
+/// 0.1.0's `host` is 0.2.0's under its old name.
+impl bindings::v0_1::wasm_echo::plugin::host::Host for HostState {
+    fn log(&mut self, level: bindings::v0_1::wasm_echo::plugin::host::Level, message: String) {
+        use bindings::v0_1::wasm_echo::plugin::host::Level as Old;
+        let level = match level {
+            Old::Trace => Level::Trace,
+            Old::Debug => Level::Debug,
+            Old::Info => Level::Info,
+            Old::Warn => Level::Warn,
+            Old::Error => Level::Error,
+        };
+        bindings::wasm_echo::plugin::host::Host::log(self, level, message);
+    }
+
+    fn get_config(&mut self, key: String) -> Option<String> {
+        bindings::wasm_echo::plugin::host::Host::get_config(self, key)
     }
 }
 

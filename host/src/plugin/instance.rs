@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use wasmtime::Store;
 
 use super::Plugin;
-use super::bindings::{self, Connection, Decision, Endpoint};
+use super::bindings::{Connection, Decision, Endpoint, Exports, SavedState, VersionInfo};
 use super::host::{HostState, InstanceSettings};
 use super::limits::{DeadlineExceeded, LimitExceeded};
 use super::output::escape;
@@ -74,7 +74,7 @@ impl From<wasmtime::Error> for CallError {
 /// when its last instance is dropped.
 pub struct Instance {
     store: Store<HostState>,
-    bindings: bindings::Plugin,
+    exports: Exports,
     plugin: Arc<Plugin>,
     /// The last datagram's sender as the plugin sees it: formatting an
     /// address costs more than the call it goes with, and a listener's
@@ -99,11 +99,12 @@ impl Instance {
         store.limiter(HostState::limiter);
         store.epoch_deadline_callback(|mut ctx| ctx.data_mut().on_epoch_tick());
         let deadline = start_call(&mut store, None);
-        let bindings = within(deadline, plugin.pre.instantiate_async(&mut store)).await?;
+        let instance = within(deadline, plugin.pre.instantiate_async(&mut store)).await?;
+        let exports = plugin.exports.load(&mut store, &instance)?;
         plugin.instances.fetch_add(1, Ordering::Relaxed);
         Ok(Self {
             store,
-            bindings,
+            exports,
             plugin: plugin.clone(),
             last_peer: None,
         })
@@ -132,7 +133,7 @@ impl Instance {
             }
             last => &last.insert((peer.ip(), endpoint(peer))).1,
         };
-        let udp = self.bindings.wasm_echo_plugin_udp();
+        let udp = &self.exports.udp;
         within(
             deadline,
             udp.call_on_datagram(&mut self.store, sender, data),
@@ -151,7 +152,7 @@ impl Instance {
         peer: SocketAddr,
     ) -> Result<Decision, CallError> {
         let deadline = start_call(&mut self.store, Some(peer));
-        let tcp = self.bindings.wasm_echo_plugin_tcp();
+        let tcp = &self.exports.tcp;
         within(deadline, tcp.call_on_open(&mut self.store, conn)).await
     }
 
@@ -163,7 +164,7 @@ impl Instance {
     pub async fn on_message(&mut self, data: &[u8]) -> Result<Decision, CallError> {
         let peer = self.store.data().peer;
         let deadline = start_call(&mut self.store, peer);
-        let tcp = self.bindings.wasm_echo_plugin_tcp();
+        let tcp = &self.exports.tcp;
         within(deadline, tcp.call_on_message(&mut self.store, data)).await
     }
 
@@ -175,8 +176,52 @@ impl Instance {
     pub async fn on_close(&mut self) -> Result<(), CallError> {
         let peer = self.store.data().peer;
         let deadline = start_call(&mut self.store, peer);
-        let tcp = self.bindings.wasm_echo_plugin_tcp();
+        let tcp = &self.exports.tcp;
         within(deadline, tcp.call_on_close(&mut self.store)).await
+    }
+
+    /// Whether it can hand its state over (it exports `state`).
+    pub fn offers_state(&self) -> bool {
+        self.exports.state.is_some()
+    }
+
+    /// Asks the plugin for its state, to hand to a new version: `None`
+    /// when it offers no `state` or has nothing to hand over.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Instance::on_datagram`].
+    pub async fn snapshot(&mut self) -> Result<Option<SavedState>, CallError> {
+        let Some(state) = &self.exports.state else {
+            return Ok(None);
+        };
+        let peer = self.store.data().peer;
+        let deadline = start_call(&mut self.store, peer);
+        within(deadline, state.call_snapshot(&mut self.store)).await
+    }
+
+    /// Hands a fresh instance the state of `previous`. The outer error is
+    /// a failed call; the inner one the plugin's own refusal. An instance
+    /// without `state` refuses.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Instance::on_datagram`].
+    pub async fn restore(
+        &mut self,
+        previous: &VersionInfo,
+        snapshot: &SavedState,
+    ) -> Result<Result<(), String>, CallError> {
+        let Some(state) = &self.exports.state else {
+            return Ok(Err("it does not export `state`".to_owned()));
+        };
+        let peer = self.store.data().peer;
+        let deadline = start_call(&mut self.store, peer);
+        within(
+            deadline,
+            state.call_restore(&mut self.store, previous, snapshot),
+        )
+        .await
     }
 }
 

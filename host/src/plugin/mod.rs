@@ -1,5 +1,6 @@
 //! Plugins: finding one (a built-in name or a path), checking that it is a
-//! component for the `wasm-echo:plugin` world, compiling and pre-linking it
+//! component for the `wasm-echo:plugin` world (of either contract version,
+//! with whichever optional parts it offers), compiling and pre-linking it
 //! once ([`Plugin`]), and running instances of it ([`Instance`]).
 //!
 //! Sockets and the choice of when to make or drop an instance are the
@@ -22,7 +23,10 @@ use wasmtime::component::Component;
 
 use crate::input_file::{self, InputError};
 
-pub use bindings::{Connection, Decision, Endpoint, Framing, Next};
+pub use bindings::{
+    Connection, Contract, ContractVersion, Decision, Endpoint, Framing, Next, SavedState,
+    VersionInfo,
+};
 pub use host::{Clocks, InstanceSettings, PluginConfig, RecordedTime};
 pub use instance::{CallError, Instance, endpoint};
 pub use limits::Limits;
@@ -44,9 +48,6 @@ pub fn builtin_names() -> impl Iterator<Item = &'static str> {
 /// largest kind the project builds, while a mistaken path to something
 /// huge is refused before it costs the process its memory.
 pub const DEFAULT_MAX_PLUGIN_SIZE: u64 = 128 << 20;
-
-/// The interfaces a plugin must export, as the component model names them.
-const REQUIRED_EXPORTS: &[&str] = &["wasm-echo:plugin/udp@0.1.0", "wasm-echo:plugin/tcp@0.1.0"];
 
 /// Where a plugin comes from: `--plugin NAME|PATH`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -202,7 +203,9 @@ pub struct Plugin {
     digest: String,
     loaded_at: SystemTime,
     component: Component,
-    pre: bindings::PluginPre<host::HostState>,
+    pre: wasmtime::component::InstancePre<host::HostState>,
+    /// Which contract it implements and where its exports are.
+    exports: bindings::ExportIndices,
     /// Live instances of this version; see [`Plugin::instances`].
     instances: AtomicUsize,
     /// The epoch ticker (every call's deadline): kept running while this
@@ -235,6 +238,21 @@ impl Plugin {
     /// `name@digest`, as logs show a version.
     pub fn version(&self) -> String {
         format!("{}@{}", self.name, self.digest)
+    }
+
+    /// Which contract version it implements and which optional parts it
+    /// offers.
+    pub fn contract(&self) -> Contract {
+        self.exports.contract()
+    }
+
+    /// What the `state` interface's `restore` is told about this version.
+    pub fn version_info(&self) -> bindings::VersionInfo {
+        bindings::VersionInfo {
+            name: self.name.to_string(),
+            digest: self.digest.clone(),
+            contract: self.contract().version.number().to_owned(),
+        }
     }
 
     /// How many instances of this version are alive (connections still

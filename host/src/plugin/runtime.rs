@@ -31,7 +31,7 @@ use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAlloc
 
 use super::host::{self, HostState};
 use super::output::{escape, fold_lines};
-use super::{Limits, LoadError, Plugin, PluginSource, REQUIRED_EXPORTS, bindings};
+use super::{Limits, LoadError, Plugin, PluginSource, bindings};
 
 /// How often the epoch advances: the granularity of deadlines, and how
 /// often a long-running call yields its thread to other work.
@@ -367,25 +367,26 @@ impl Runtime {
             compiling.elapsed()
         );
 
-        let ty = component.component_type();
-        let exports: Vec<&str> = ty.exports(&self.engine).map(|(name, _)| name).collect();
-        if let Some(missing) = REQUIRED_EXPORTS.iter().find(|name| !exports.contains(name)) {
-            return Err(LoadError::WrongWorld {
-                plugin: source.clone(),
-                missing: (*missing).to_owned(),
-            });
-        }
-
         let link_error = |e: wasmtime::Error| LoadError::Link {
             plugin: source.clone(),
             reason: one_line(&e),
             source: e.into(),
         };
-        let instance_pre = self
+        // Exports first: a component for another world is told so, rather
+        // than which of its imports the host lacks.
+        let wrong_world = |missing| LoadError::WrongWorld {
+            plugin: source.clone(),
+            missing,
+        };
+        bindings::ExportIndices::check_required(&component).map_err(wrong_world)?;
+        let pre = self
             .linker
             .instantiate_pre(&component)
             .map_err(link_error)?;
-        let pre = bindings::PluginPre::new(instance_pre).map_err(link_error)?;
+        let exports = bindings::ExportIndices::find(&pre).map_err(|error| match error {
+            bindings::FindError::Missing(missing) => wrong_world(missing),
+            bindings::FindError::Shape(error) => link_error(error),
+        })?;
         let digest = Sha256::digest(&bytes)
             .iter()
             .take(6)
@@ -398,6 +399,7 @@ impl Runtime {
             loaded_at: SystemTime::now(),
             component,
             pre,
+            exports,
             instances: AtomicUsize::new(0),
             ticker: self.ticker.clone(),
         })

@@ -10,12 +10,14 @@
 //!   what a failed message gets;
 //! - [`session`]: a conversation on one version (an instance per TCP
 //!   connection, one per UDP listener while it behaves);
+//! - [`migration`]: moving a session to a new version with its state;
 //! - [`native`]: handlers in Rust in place of a plugin, for the benchmark.
 //!
 //! Reading sockets is the listeners' business; loading plugins is the
 //! runtime's.
 
 mod admission;
+mod migration;
 mod native;
 mod reply;
 mod session;
@@ -36,10 +38,12 @@ use crate::recording::Recorder;
 use crate::warnings::Warnings;
 
 use admission::Admission;
+pub use migration::{MigrationFailurePolicy, MigrationOutcome, Open};
+
 pub use native::{NativeEcho, NativeHandler};
 use reply::ReplyPolicy;
 pub use session::Session;
-use version::{Code, Handler};
+use version::{Code, Handler, Version};
 
 /// One listener's run-time state.
 pub struct Tenant {
@@ -56,6 +60,33 @@ pub struct Tenant {
     settings: Arc<InstanceSettings>,
     /// Its traffic's recording, if it is recorded.
     recorder: Option<Recorder>,
+    /// Changes at every swap, so that sessions waiting between messages
+    /// move to the new version at once (see [`migration`]).
+    swaps: tokio::sync::watch::Sender<()>,
+}
+
+/// How the moves after one swap ended, as far as the swap waited.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Migrations {
+    /// Sessions whose state was handed over.
+    pub migrated: usize,
+    /// Sessions that moved without state (nothing to hand over, or the
+    /// hand-over failed and the policy is `fresh`).
+    pub fresh: usize,
+    /// Sessions that stayed on the old version (a failed or skipped
+    /// hand-over).
+    pub kept: usize,
+}
+
+impl Migrations {
+    fn of(next: &Version) -> Self {
+        let tally = next.tally();
+        Self {
+            migrated: tally.count(MigrationOutcome::Migrated),
+            fresh: tally.count(MigrationOutcome::Fresh) + tally.count(MigrationOutcome::Reset),
+            kept: tally.count(MigrationOutcome::Kept) + tally.count(MigrationOutcome::Skipped),
+        }
+    }
 }
 
 impl fmt::Debug for Tenant {
@@ -103,6 +134,7 @@ impl Tenant {
             reply: ReplyPolicy::new(&config.traffic, config.on_failure),
             config,
             recorder: None,
+            swaps: tokio::sync::watch::Sender::new(()),
         }
     }
 
@@ -196,10 +228,45 @@ impl Tenant {
         self.handler.current().label().clone()
     }
 
-    /// Makes `plugin` the version every new session gets, and returns the
-    /// one it replaces. Sessions already open keep theirs.
-    pub fn swap(&self, plugin: Arc<Plugin>) -> Option<Arc<Plugin>> {
-        self.handler.swap(plugin, &self.metrics)
+    /// Whether open TCP connections move to a new version after a swap
+    /// (`upgrade-connections`).
+    pub fn upgrade_connections(&self) -> bool {
+        self.config.upgrade_connections
+    }
+
+    /// Changes at every swap: sessions between messages watch it to move
+    /// to the new version at once.
+    pub fn swaps(&self) -> tokio::sync::watch::Receiver<()> {
+        self.swaps.subscribe()
+    }
+
+    /// Makes `plugin` the version every new session gets, tells the
+    /// sessions that move on (the UDP listener's; connections' with
+    /// `upgrade-connections`), and waits a little for them to have moved:
+    /// until each has moved or been kept, or [`Tenant::settle_time`] has
+    /// passed. Says how their moves ended.
+    pub async fn swap(&self, plugin: Arc<Plugin>) -> Migrations {
+        let Some((previous, next)) = self.handler.swap(plugin, &self.metrics) else {
+            return Migrations::default();
+        };
+        self.swaps.send_replace(());
+        let settle = tokio::time::Instant::now() + self.settle_time();
+        loop {
+            let stayed = next.tally().count(MigrationOutcome::Kept)
+                + next.tally().count(MigrationOutcome::Skipped);
+            if previous.movable() <= stayed || tokio::time::Instant::now() >= settle {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        Migrations::of(&next)
+    }
+
+    /// How long a swap waits for sessions to move: a session between
+    /// messages moves at once, one in a call moves after it (within the
+    /// call deadline), each move is two calls.
+    fn settle_time(&self) -> Duration {
+        self.config.limits.call_timeout * 4 + Duration::from_millis(200)
     }
 
     /// Whether `session` runs the current version (the UDP listener's
@@ -218,21 +285,25 @@ impl Tenant {
         Instance::new(plugin, self.settings.clone()).await.map(drop)
     }
 
-    /// A session on the current version: a fresh instance for a plugin. A
-    /// failure to start is counted in the version's series.
+    /// A session on the current version: a fresh instance for a plugin.
+    /// `movable`: it will move to a new version after a swap. A failure to
+    /// start is counted in the version's series.
     ///
     /// # Errors
     ///
     /// A [`CallError`] if the instance fails to start.
-    pub async fn session(&self) -> Result<Session, CallError> {
-        let version = self.handler.current();
+    pub async fn session(&self, movable: bool) -> Result<Session, CallError> {
+        self.session_on(self.handler.current(), movable).await
+    }
+
+    async fn session_on(&self, version: Arc<Version>, movable: bool) -> Result<Session, CallError> {
         match version.code() {
             Code::Wasm(plugin) => {
                 let started = Instant::now();
                 match Instance::new(plugin, self.settings.clone()).await {
                     Ok(instance) => {
                         version.series().instantiated(started.elapsed());
-                        Ok(Session::wasm(version, instance))
+                        Ok(Session::wasm(version, instance, movable))
                     }
                     Err(error) => {
                         version.series().failed(FailureKind::from(&error));

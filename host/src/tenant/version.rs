@@ -10,9 +10,11 @@
 //! one is the session's.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, Ordering};
 
 use arc_swap::ArcSwap;
 
+use super::migration::Tally;
 use super::native::NativeHandler;
 use crate::metrics::{ListenerMetrics, VersionSeries};
 use crate::plugin::Plugin;
@@ -32,6 +34,10 @@ pub struct Version {
     label: Arc<str>,
     /// Its series in `/metrics`, retired with it.
     series: VersionSeries,
+    /// Sessions on it that move to the next version after a swap.
+    movable: AtomicIsize,
+    /// How the moves to it ended.
+    tally: Tally,
 }
 
 impl Version {
@@ -44,6 +50,8 @@ impl Version {
             code: Code::Wasm(plugin),
             label,
             series,
+            movable: AtomicIsize::new(0),
+            tally: Tally::default(),
         }
     }
 
@@ -56,6 +64,8 @@ impl Version {
             code: Code::Native(handler),
             label,
             series,
+            movable: AtomicIsize::new(0),
+            tally: Tally::default(),
         }
     }
 
@@ -72,6 +82,21 @@ impl Version {
     /// Its series.
     pub fn series(&self) -> &VersionSeries {
         &self.series
+    }
+
+    /// Counts sessions that will move on after a swap (`delta` is 1 or -1).
+    pub(super) fn movable_sessions(&self, delta: isize) {
+        self.movable.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// How many sessions on it will move on after a swap.
+    pub(super) fn movable(&self) -> usize {
+        usize::try_from(self.movable.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    /// How the moves to it ended.
+    pub fn tally(&self) -> &Tally {
+        &self.tally
     }
 }
 
@@ -122,16 +147,19 @@ impl Handler {
     }
 
     /// Makes `plugin` the version every new session gets, and returns the
-    /// plugin it replaces. Sessions already open keep theirs.
-    pub fn swap(&self, plugin: Arc<Plugin>, metrics: &ListenerMetrics) -> Option<Arc<Plugin>> {
+    /// version it replaces and the new one. Sessions already open keep
+    /// theirs until they move.
+    pub fn swap(
+        &self,
+        plugin: Arc<Plugin>,
+        metrics: &ListenerMetrics,
+    ) -> Option<(Arc<Version>, Arc<Version>)> {
         let Self::Wasm(current) = self else {
             return None;
         };
-        let previous = current.swap(Arc::new(Version::wasm(plugin, metrics)));
+        let next = Arc::new(Version::wasm(plugin, metrics));
+        let previous = current.swap(next.clone());
         previous.series.set_current(false);
-        match &previous.code {
-            Code::Wasm(plugin) => Some(plugin.clone()),
-            Code::Native(_) => None,
-        }
+        Some((previous, next))
     }
 }

@@ -3,7 +3,7 @@
 // `answer` (and the rest) to make it yours; wit/plugin.wit documents every
 // type and function. Bytes arrive and leave as Uint8Array.
 
-import { log } from "wasm-echo:plugin/host@0.1.0";
+import { log } from "wasm-echo:plugin/host@0.2.0";
 
 const decoder = new TextDecoder(); // lossy: bytes that are not UTF-8 become U+FFFD
 

@@ -1,0 +1,87 @@
+//! A test-only plugin: the next version of `counter`, for the tests of
+//! state hand-over. It counts as `counter` does and reads its hand-over
+//! format (the same [`counts`] module), but answers `count N` instead of
+//! `N`, so a test can tell which version answered and that the count went
+//! on. Its `state-fault` setting makes the hand-over fail on purpose:
+//!
+//! - `restore-trap`: `restore` panics;
+//! - `restore-refuse`: `restore` returns an error;
+//! - `restore-spin`: `restore` never returns (the deadline stops it);
+//! - `snapshot-trap`: `snapshot` panics (when this is the old version);
+//! - `huge-snapshot`: `snapshot` returns 2 MiB (over the default cap).
+
+mod bindings {
+    wit_bindgen::generate!({ path: "../../wit", world: "stateful-plugin" });
+}
+
+#[path = "../../counter/src/counts.rs"]
+mod counts;
+
+use bindings::exports::wasm_echo::plugin::state::{self, SavedState};
+use bindings::exports::wasm_echo::plugin::{tcp, udp};
+use bindings::wasm_echo::plugin::host;
+use bindings::wasm_echo::plugin::types::{Connection, Decision, Endpoint, Next, VersionInfo};
+
+struct CounterNext;
+
+fn reply(count: u64) -> Decision {
+    Decision {
+        reply: Some(format!("count {count}").into_bytes()),
+        next: Next::CarryOn,
+    }
+}
+
+fn fault() -> String {
+    host::get_config("state-fault").unwrap_or_default()
+}
+
+impl udp::Guest for CounterNext {
+    fn on_datagram(peer: Endpoint, _data: Vec<u8>) -> Decision {
+        reply(counts::datagram(format!("{}:{}", peer.ip, peer.port)))
+    }
+}
+
+impl tcp::Guest for CounterNext {
+    fn on_open(_conn: Connection) -> Decision {
+        Decision {
+            reply: None,
+            next: Next::CarryOn,
+        }
+    }
+
+    fn on_message(_data: Vec<u8>) -> Decision {
+        reply(counts::message())
+    }
+
+    fn on_close() {}
+}
+
+impl state::Guest for CounterNext {
+    fn snapshot() -> Option<SavedState> {
+        let data = match fault().as_str() {
+            "snapshot-trap" => panic!("counter-next: asked to trap in snapshot"),
+            "huge-snapshot" => vec![b'!'; 2 << 20],
+            _ => counts::encode(),
+        };
+        Some(SavedState {
+            schema: counts::SCHEMA,
+            data,
+        })
+    }
+
+    fn restore(previous: VersionInfo, state: SavedState) -> Result<(), String> {
+        match fault().as_str() {
+            "restore-trap" => panic!("counter-next: asked to trap in restore"),
+            "restore-refuse" => Err(format!(
+                "counter-next refuses the state of {}",
+                previous.name
+            )),
+            "restore-spin" => loop {
+                std::hint::spin_loop();
+            },
+            _ => counts::decode(state.schema, &state.data),
+        }
+    }
+}
+
+bindings::export!(CounterNext with_types_in bindings);
