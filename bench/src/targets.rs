@@ -79,11 +79,14 @@ pub fn listener_config(plugin: &str, connections: usize) -> anyhow::Result<Serve
         honor_stop: false,
         on_failure: FailurePolicy::default(),
         record: None,
+        proxy: None,
+        reuse_port: false,
     };
     Ok(ServerConfig {
         origin: Origin::Flags,
         listeners: vec![listener],
         grace: Duration::from_millis(100),
+        drain_delay: Duration::ZERO,
         max_plugin_size: wasm_echo::plugin::DEFAULT_MAX_PLUGIN_SIZE,
     })
 }

@@ -3,6 +3,8 @@
 
 mod common;
 
+/// The admin endpoint: health, readiness and drain, `/metrics`.
+mod admin;
 /// Command-line errors: each bad input gets one clear line.
 mod cli;
 /// Configuration files: every mistake refused before anything binds.
@@ -34,6 +36,8 @@ mod resolution;
 mod sandbox;
 /// `wasm-echo new`: every language's project builds, passes `check` and serves.
 mod scaffold;
+/// Behind a load balancer: PROXY protocol headers, `reuse-port`.
+mod scaleout;
 /// Peers and log readers that stop reading cannot hold the server.
 mod stalls;
 /// Tenants' limits, and hostile plugins contained next to a good tenant.
