@@ -9,9 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use wasm_echo::plugin::{
-    Instance, InstanceSettings, Limits, LogBudget, Plugin, PluginSource, Runtime,
-};
+use wasm_echo::plugin::{Instance, InstanceSettings, Plugin, PluginSource, Runtime};
 use wasm_echo::tenant::{NativeEcho, NativeHandler};
 
 use crate::load::{nanos, quantile};
@@ -59,18 +57,11 @@ pub const POLYGLOT: [(&str, &str); 3] = [
 ];
 
 fn settings() -> Arc<InstanceSettings> {
-    let tenant: Arc<str> = "bench".into();
-    Arc::new(InstanceSettings {
-        log_budget: LogBudget::new(
-            tenant.clone(),
-            LogBudget::DEFAULT_LINES_PER_SECOND,
-            LogBudget::DEFAULT_BYTES_PER_SECOND,
-        ),
-        tenant,
-        config: Default::default(),
-        limits: Limits::default(),
-        clocks: Default::default(),
-    })
+    Arc::new(InstanceSettings::with_defaults(
+        "bench",
+        Default::default(),
+        Default::default(),
+    ))
 }
 
 /// Measures the component at `source`.

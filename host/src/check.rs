@@ -4,9 +4,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use crate::plugin::{
-    Clocks, Instance, InstanceSettings, Limits, LogBudget, PluginConfig, PluginSource, Runtime,
-};
+use crate::plugin::{Clocks, Instance, InstanceSettings, PluginConfig, PluginSource, Runtime};
 
 /// Checks `source` and returns the report to print.
 ///
@@ -16,18 +14,7 @@ use crate::plugin::{
 /// start-up code fails within the default limits.
 pub async fn check(runtime: &Runtime, source: &PluginSource) -> anyhow::Result<String> {
     let plugin = Arc::new(runtime.load(source)?);
-    let tenant: Arc<str> = "check".into();
-    let settings = InstanceSettings {
-        log_budget: LogBudget::new(
-            tenant.clone(),
-            LogBudget::DEFAULT_LINES_PER_SECOND,
-            LogBudget::DEFAULT_BYTES_PER_SECOND,
-        ),
-        tenant,
-        config: PluginConfig::new(),
-        limits: Limits::default(),
-        clocks: Clocks::Real,
-    };
+    let settings = InstanceSettings::with_defaults("check", PluginConfig::new(), Clocks::Real);
     Instance::new(&plugin, Arc::new(settings))
         .await
         .map_err(|error| anyhow::anyhow!("{source} fails to start: {error}"))?;

@@ -18,6 +18,33 @@ fn reload(control: &Path, args: &[&str]) -> std::process::Output {
     common::control("reload", control, args)
 }
 
+/// Serves `plugin` on UDP and TCP with a control socket of the test's own.
+fn serve_with_control(plugin: &str) -> (Server, PathBuf) {
+    let control = control_path();
+    let server = Server::start(
+        plugin,
+        &["--control", control.to_str().expect("utf-8 path")],
+    );
+    (server, control)
+}
+
+/// Serves `file` on UDP with a control socket of the test's own and
+/// `--watch`, once the watcher is on.
+fn serve_watched_on_udp(file: &Path) -> (Server, PathBuf) {
+    let control = control_path();
+    let server = Server::with_args(&[
+        "--plugin",
+        file.to_str().expect("utf-8 path"),
+        "--udp",
+        "127.0.0.1:0",
+        "--control",
+        control.to_str().expect("utf-8 path"),
+        "--watch",
+    ]);
+    server.wait_for_log("watching");
+    (server, control)
+}
+
 /// A plugin file in a scratch folder, holding `plugin`'s bytes.
 fn plugin_file(plugin: &str) -> PathBuf {
     scratch_file("plugin.wasm", &std::fs::read(plugin).expect("built plugin"))
@@ -225,11 +252,7 @@ fn twenty_swaps_under_load_lose_nothing_and_never_mix_versions() {
 
 #[test]
 fn open_connections_finish_on_the_version_they_started_with() {
-    let control = control_path();
-    let server = Server::start(
-        "echo",
-        &["--control", control.to_str().expect("utf-8 path")],
-    );
+    let (server, control) = serve_with_control("echo");
     let mut old = tcp_client(server.tcp());
     assert_eq!(tcp_ask(&mut old, b"before", 6), b"before");
     let output = reload(&control, &["--plugin", "hello"]);
@@ -251,18 +274,8 @@ fn open_connections_finish_on_the_version_they_started_with() {
 
 #[test]
 fn a_file_written_slowly_is_loaded_once_and_whole() {
-    let control = control_path();
     let file = plugin_file(plugins::ECHO);
-    let server = Server::with_args(&[
-        "--plugin",
-        file.to_str().expect("utf-8 path"),
-        "--udp",
-        "127.0.0.1:0",
-        "--control",
-        control.to_str().expect("utf-8 path"),
-        "--watch",
-    ]);
-    server.wait_for_log("watching");
+    let (server, _control) = serve_watched_on_udp(&file);
     let socket = udp_client(server.udp());
     assert_eq!(udp_ask(&socket, b"hi"), b"hi");
     // Written in place, in four pieces with pauses between them.
@@ -364,11 +377,7 @@ fn reload_errors_are_one_line() {
     let nobody = control_path();
     one_line_error(&reload(&nobody, &[]), &["no wasm-echo server answers on"]);
 
-    let control = control_path();
-    let server = Server::start(
-        "echo",
-        &["--control", control.to_str().expect("utf-8 path")],
-    );
+    let (server, control) = serve_with_control("echo");
     one_line_error(
         &reload(&control, &["--listener", "nope"]),
         &["no listener named `nope` (listeners: main)"],
@@ -390,18 +399,8 @@ fn reload_errors_are_one_line() {
 /// file changes nothing, and a write to the new one is picked up.
 #[test]
 fn a_manual_reload_moves_what_is_watched() {
-    let control = control_path();
     let first = plugin_file(plugins::ECHO);
-    let server = Server::with_args(&[
-        "--plugin",
-        first.to_str().expect("utf-8 path"),
-        "--udp",
-        "127.0.0.1:0",
-        "--control",
-        control.to_str().expect("utf-8 path"),
-        "--watch",
-    ]);
-    server.wait_for_log("watching");
+    let (server, control) = serve_watched_on_udp(&first);
     let output = reload(&control, &["--plugin", "counter"]);
     assert!(output.status.success(), "{output:?}");
     let answer = String::from_utf8_lossy(&output.stdout);
@@ -658,11 +657,7 @@ fn reload_of_one_listener_leaves_the_others_alone() {
 /// changes nothing: the counter's instance, and so its count, goes on.
 #[test]
 fn failed_reloads_say_why_in_one_line_and_change_nothing() {
-    let control = control_path();
-    let server = Server::start(
-        "counter",
-        &["--control", control.to_str().expect("utf-8 path")],
-    );
+    let (server, control) = serve_with_control("counter");
     let socket = udp_client(server.udp());
     assert_eq!(udp_ask(&socket, b"x"), b"1");
     let notes = scratch_file("notes.txt", b"not a plugin\n");
@@ -712,11 +707,7 @@ fn failed_reloads_say_why_in_one_line_and_change_nothing() {
 /// reload, so the counter's per-peer state starts afresh.
 #[test]
 fn a_reload_starts_the_udp_state_afresh() {
-    let control = control_path();
-    let server = Server::start(
-        "counter",
-        &["--control", control.to_str().expect("utf-8 path")],
-    );
+    let (server, control) = serve_with_control("counter");
     let socket = udp_client(server.udp());
     for count in [b"1", b"2", b"3"] {
         assert_eq!(udp_ask(&socket, b"x"), count);

@@ -63,6 +63,25 @@ pub struct InstanceSettings {
     pub clocks: Clocks,
 }
 
+impl InstanceSettings {
+    /// Settings with the default limits and log budget, outside any
+    /// configured tenant: `check`, a replay, the benchmark.
+    pub fn with_defaults(tenant: &str, config: PluginConfig, clocks: Clocks) -> Self {
+        let tenant: Arc<str> = tenant.into();
+        Self {
+            log_budget: LogBudget::new(
+                tenant.clone(),
+                LogBudget::DEFAULT_LINES_PER_SECOND,
+                LogBudget::DEFAULT_BYTES_PER_SECOND,
+            ),
+            tenant,
+            config,
+            limits: Limits::default(),
+            clocks,
+        }
+    }
+}
+
 /// The time and randomness an instance sees.
 #[derive(Clone, Debug, Default)]
 pub enum Clocks {

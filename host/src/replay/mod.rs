@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::plugin::{
-    CallError, Clocks, Connection, Instance, InstanceSettings, Limits, LogBudget, Plugin,
-    PluginConfig, PluginSource, PoolSize, RecordedTime, Runtime, endpoint,
+    CallError, Clocks, Connection, Instance, InstanceSettings, Limits, Plugin, PluginConfig,
+    PluginSource, PoolSize, RecordedTime, Runtime, endpoint,
 };
 use crate::recording::read::{Exchange, Recording};
 use crate::recording::{Event, Outcome};
@@ -362,18 +362,11 @@ fn instance_settings(
     config: PluginConfig,
     time: &Arc<RecordedTime>,
 ) -> Arc<InstanceSettings> {
-    let tenant: Arc<str> = listener.into();
-    Arc::new(InstanceSettings {
-        log_budget: LogBudget::new(
-            tenant.clone(),
-            LogBudget::DEFAULT_LINES_PER_SECOND,
-            LogBudget::DEFAULT_BYTES_PER_SECOND,
-        ),
-        tenant,
+    Arc::new(InstanceSettings::with_defaults(
+        listener,
         config,
-        limits: Limits::default(),
-        clocks: Clocks::Recorded(time.clone()),
-    })
+        Clocks::Recorded(time.clone()),
+    ))
 }
 
 /// One conversation's replay state.
