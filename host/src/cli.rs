@@ -387,8 +387,10 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         shutdown.clone(),
         abort.clone(),
     ));
-    // Scripts and tests read these lines to learn the real ports. Nobody
-    // reading them any more is no reason to stop serving.
+    // Scripts and tests read these lines to learn the real ports, and take
+    // them to mean "ready": they are printed once the server has started
+    // and `/readyz` says so. Nobody reading them any more is no reason to
+    // stop serving.
     let mut announce = server
         .local_addrs()
         .into_iter()
@@ -397,15 +399,16 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(addr) = server.metrics_addr() {
         announce.push_str(&format!("listening metrics {addr}\n"));
     }
+    let serving = server.start()?;
     if let Err(error) = say(announce) {
         tracing::warn!("{error:#}");
     }
-    let serving = server.run_until(
+    let serving = serving.serve_until(
         shutdown.clone().cancelled_owned(),
         abort.clone().cancelled_owned(),
     );
     tokio::select! {
-        served = serving => served.map(|()| ExitCode::SUCCESS),
+        () = serving => Ok(ExitCode::SUCCESS),
         () = overrun(shutdown, abort, drain_delay + grace) => {
             tracing::error!(
                 "shutdown took {} past the grace period: exiting without waiting for the rest",

@@ -4,7 +4,10 @@
 //! listener's plugin, binds every socket, the admin endpoint (`/metrics`,
 //! `/healthz`, `/readyz`) and the control socket; [`Server::run`] serves
 //! until a shutdown future resolves (after a drain delay, see there) or
-//! every listener has stopped by itself (their plugins said `exit`).
+//! every listener has stopped by itself (their plugins said `exit`). It
+//! is [`Server::start`] (everything spawned, `/readyz` ready) and then
+//! [`Serving::serve_until`]; the `serve` command calls the two itself, to
+//! print its `listening` lines in between, once the server is ready.
 //!
 //! Everything it starts (listener tasks, one thread per UDP listener, the
 //! control socket, the file watcher, SIGHUP reloads, the metrics endpoint,
@@ -265,6 +268,21 @@ impl Server {
         shutdown: impl Future<Output = ()>,
         abort: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
+        self.start()?.serve_until(shutdown, abort).await;
+        Ok(())
+    }
+
+    /// Starts everything: the listeners, the control socket, the file
+    /// watcher, SIGHUP reloads and the admin endpoint, and makes `/readyz`
+    /// say ready. Must be called within a tokio runtime. Whoever announces
+    /// the server (the `listening` lines) does so after this, so that an
+    /// announced server is a ready one.
+    ///
+    /// # Errors
+    ///
+    /// The file watcher or the SIGHUP handler cannot be set up; nothing is
+    /// served then.
+    pub fn start(self) -> anyhow::Result<Serving> {
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let reloader = self
@@ -294,9 +312,6 @@ impl Server {
         if let (Some(reloader), Some(control)) = (&reloader, self.control) {
             tracing::info!("control socket {}", control.path().display());
             tasks.spawn(control.serve(reloader.clone(), stop.child_token()));
-        }
-        if let Some((_, endpoint)) = self.metrics {
-            tasks.spawn(endpoint.serve(self.readiness.clone(), stop.child_token()));
         }
         // Sums up each tenant's held-back warnings once their window is
         // over, even when nothing new comes to trigger it.
@@ -347,7 +362,57 @@ impl Server {
             }
         }
         listeners.close();
+        // Ready before the admin endpoint answers its first request, and
+        // before `start` returns: nobody can see this server `starting`
+        // once it has been announced.
         self.readiness.advance(ReadyState::Ready);
+        if let Some((_, endpoint)) = self.metrics {
+            tasks.spawn(endpoint.serve(self.readiness.clone(), stop.child_token()));
+        }
+        Ok(Serving {
+            tenants: self.tenants,
+            readiness: self.readiness,
+            drain_delay: self.drain_delay,
+            stop,
+            tasks,
+            listeners,
+            stop_listeners,
+            abort_listeners,
+        })
+    }
+}
+
+/// A started server ([`Server::start`]): what it takes to drain it and
+/// stop everything it started.
+pub struct Serving {
+    tenants: Vec<Arc<Tenant>>,
+    /// Turned to draining first when shutdown begins.
+    readiness: Arc<Readiness>,
+    /// How long to go on serving, not ready, once shutdown begins.
+    drain_delay: Duration,
+    /// Stops everything but the listeners, once they have stopped.
+    stop: CancellationToken,
+    /// The control socket, watcher, SIGHUP, admin endpoint and warning
+    /// summaries.
+    tasks: TaskTracker,
+    /// One task per socket; all of them stopped means the server is done.
+    listeners: TaskTracker,
+    /// Tells the listeners to stop accepting (their grace period begins).
+    stop_listeners: CancellationToken,
+    /// Ends the grace period at once.
+    abort_listeners: CancellationToken,
+}
+
+impl Serving {
+    /// Serves until `shutdown` resolves or every listener has stopped by
+    /// itself, then stops everything and returns once all of it has; see
+    /// [`Server::run_until`].
+    pub async fn serve_until(
+        self,
+        shutdown: impl Future<Output = ()>,
+        abort: impl Future<Output = ()>,
+    ) {
+        let listeners = &self.listeners;
         tokio::select! {
             () = shutdown => {
                 // Balancers learn first; the listeners serve on meanwhile.
@@ -363,13 +428,13 @@ impl Server {
                     () = listeners.wait() => false,
                     () = &mut abort => true,
                 };
-                stop_listeners.cancel();
+                self.stop_listeners.cancel();
                 if aborted {
-                    abort_listeners.cancel();
+                    self.abort_listeners.cancel();
                 } else {
                     tokio::select! {
                         () = listeners.wait() => {}
-                        () = abort => abort_listeners.cancel(),
+                        () = abort => self.abort_listeners.cancel(),
                     }
                 }
                 listeners.wait().await;
@@ -380,16 +445,15 @@ impl Server {
         // traffic either.
         self.readiness.advance(ReadyState::Draining);
         tracing::info!("every listener has stopped");
-        stop.cancel();
-        tasks.close();
-        tasks.wait().await;
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
         for tenant in &self.tenants {
             tenant.warnings().finish();
             if let Some(recorder) = tenant.recorder() {
                 recorder.finish(RECORDING_FINISH).await;
             }
         }
-        Ok(())
     }
 }
 
