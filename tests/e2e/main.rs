@@ -23,6 +23,8 @@ mod hello;
 mod logs;
 /// `/metrics` counts exactly the traffic sent; JSON logs; `status`.
 mod metrics;
+/// Three nodes behind nginx (`deploy/multinode.sh`): spread, real clients, drain, rolling swap.
+mod multinode;
 /// The hello and echo plugins in Python, JavaScript and C, held to the Rust ones' behaviour.
 mod polyglot;
 /// Hot reloads: under load, on file changes, on SIGHUP, and failed ones.
