@@ -142,7 +142,10 @@ launch() {
     local pidfile=$1 out=$2 err=$3
     shift 3
     if [ -n "$LIFETIME" ]; then
-        set -- timeout "$LIFETIME" "$@"
+        # --foreground: a SIGTERM sent to `timeout` reaches the process
+        # once. Without it, timeout also signals its process group, and the
+        # node, signalled twice, takes the second as "stop now".
+        set -- timeout --foreground "$LIFETIME" "$@"
     fi
     "$@" </dev/null >"$out" 2>"$err" &
     echo $! >"$pidfile"

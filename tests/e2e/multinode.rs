@@ -344,17 +344,20 @@ fn sigterm_drains_one_node_without_losing_a_reply() {
         on_draining.is_some_and(|open| open >= 1.0),
         "open connections on node 1: {on_draining:?}"
     );
-    let (mut sent, mut answered) = (0u64, 0u64);
+    // Each phase's requests and right answers, for the message if any is
+    // lost.
+    let mut phases: Vec<(&str, u64, u64)> = Vec::new();
     // One more message on each open connection; the counter answers with
     // that connection's count.
-    let exchange_all = |open: &mut Vec<(TcpStream, u64)>, sent: &mut u64, answered: &mut u64| {
+    let exchange_all = |open: &mut Vec<(TcpStream, u64)>| {
+        let mut answered = 0;
         for (stream, count) in open.iter_mut() {
-            *sent += 1;
             *count += 1;
             if ask(stream, b"x") == Some(count.to_string().into_bytes()) {
-                *answered += 1;
+                answered += 1;
             }
         }
+        (open.len() as u64, answered)
     };
     crate::common::send_signal(draining.pid, "TERM");
     poll_until("node 1's /readyz to say draining", || {
@@ -364,26 +367,31 @@ fn sigterm_drains_one_node_without_losing_a_reply() {
         assert_eq!(http(other.admin, "GET", "/readyz").0, 200);
     }
     // In the drain delay: served as before.
-    exchange_all(&mut open, &mut sent, &mut answered);
+    let (sent, answered) = exchange_all(&mut open);
+    phases.push(("open, in the drain delay", sent, answered));
     poll_until("node 1 to stop accepting", || {
         TcpStream::connect(draining.tcp).is_err().then_some(())
     });
     // In the grace period: the open connections go on...
-    exchange_all(&mut open, &mut sent, &mut answered);
+    let (sent, answered) = exchange_all(&mut open);
+    phases.push(("open, in the grace period", sent, answered));
     // ...and new connections go to the other nodes.
-    for n in 12..24 {
+    let new = (12..24).filter(|&n| {
         let mut stream = connect_from(client_ip(n), cluster.balancer);
-        sent += 1;
-        if ask(&mut stream, b"x").as_deref() == Some(&b"1"[..]) {
-            answered += 1;
-        }
-    }
-    exchange_all(&mut open, &mut sent, &mut answered);
+        ask(&mut stream, b"x").as_deref() == Some(&b"1"[..])
+    });
+    phases.push(("new, in the grace period", 12, new.count() as u64));
+    let (sent, answered) = exchange_all(&mut open);
+    phases.push(("open, later in the grace period", sent, answered));
     drop(open);
     poll_until("node 1 to exit once its connections closed", || {
         (!draining.running()).then_some(())
     });
-    assert_eq!(answered, sent, "replies lost");
+    assert!(
+        phases.iter().all(|(_, sent, answered)| sent == answered),
+        "replies lost (phase, sent, answered): {phases:?}\nnode 1's log:\n{}",
+        draining.log()
+    );
     let log = draining.log();
     let order = [
         "shutting down: draining",
