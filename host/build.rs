@@ -37,6 +37,9 @@ const SKIPPABLE: &[(&str, &str)] = &[
     ("ipv6", "skip_ipv6"),
     // The documented default addresses, UDP and TCP port 12345, free.
     ("default-ports", "skip_default_ports"),
+    // Debian's nginx with its stream module (scripts/install-debian.sh),
+    // the balancer of deploy/multinode.sh.
+    ("nginx", "skip_nginx"),
 ];
 const SKIP_VARIABLE: &str = "WASM_ECHO_SKIP_TESTS";
 

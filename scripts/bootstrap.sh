@@ -9,3 +9,6 @@ if ! rustup target list --installed | grep -qx "$target"; then
     echo "bootstrap: installing the $target Rust target" >&2
     rustup target add "$target"
 fi
+
+# The real services the tests start on loopback (nginx, prometheus, ...).
+"$(dirname "$0")/install-debian.sh"

@@ -82,11 +82,14 @@ pub fn listener_config(plugin: &str, connections: usize) -> anyhow::Result<Serve
         on_migration_failure: Default::default(),
         max_state: wasm_echo::config::DEFAULT_MAX_STATE,
         record: None,
+        proxy: None,
+        reuse_port: false,
     };
     Ok(ServerConfig {
         origin: Origin::Flags,
         listeners: vec![listener],
         grace: Duration::from_millis(100),
+        drain_delay: Duration::ZERO,
         max_plugin_size: wasm_echo::plugin::DEFAULT_MAX_PLUGIN_SIZE,
     })
 }

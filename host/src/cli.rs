@@ -91,7 +91,7 @@ struct ServeArgs {
     /// Serve the listeners described in this TOML file (see
     /// wasm-echo.example.toml) instead of one plugin given by flags.
     #[arg(long, value_name = "FILE", conflicts_with_all = [
-        "plugin", "udp", "tcp", "settings", "call_timeout", "memory_limit", "framing", "max_message", "grace",
+        "plugin", "udp", "tcp", "settings", "call_timeout", "memory_limit", "framing", "max_message", "grace", "drain_delay",
         "max_plugin_size", "record", "record_max_size", "record_sample",
     ])]
     config: Option<PathBuf>,
@@ -152,6 +152,11 @@ struct ServeArgs {
     /// (on Ctrl-C, SIGTERM or the plugin's `exit`) [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     grace: Option<Duration>,
+    /// After Ctrl-C or SIGTERM, how long to go on serving with `/readyz`
+    /// answering 503 before no longer accepting, so that a load balancer
+    /// takes the server out first; a second signal ends it [default: 0s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    drain_delay: Option<Duration>,
     /// The largest plugin file read, here and on reloads; a larger one is
     /// refused unread [default: 128MiB].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -198,6 +203,7 @@ impl ServeArgs {
         };
         RawConfig {
             grace: self.grace,
+            drain_delay: self.drain_delay,
             max_plugin_size: self.max_plugin_size,
             listeners: [("main".to_owned(), listener)].into(),
         }
@@ -370,17 +376,21 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     // signal is never the default, fatal one.
     let interrupt = signal(SignalKind::interrupt()).context("listening for Ctrl-C")?;
     let terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let grace = config.grace;
+    // The overrun watch starts at the signal: the drain delay comes first.
+    let (grace, drain_delay) = (config.grace, config.drain_delay);
     let server = Server::bind(config, operations).await?;
     let (shutdown, abort) = (CancellationToken::new(), CancellationToken::new());
     tokio::spawn(stop_on_signals(
         interrupt,
         terminate,
+        drain_delay,
         shutdown.clone(),
         abort.clone(),
     ));
-    // Scripts and tests read these lines to learn the real ports. Nobody
-    // reading them any more is no reason to stop serving.
+    // Scripts and tests read these lines to learn the real ports, and take
+    // them to mean "ready": they are printed once the server has started
+    // and `/readyz` says so. Nobody reading them any more is no reason to
+    // stop serving.
     let mut announce = server
         .local_addrs()
         .into_iter()
@@ -389,16 +399,17 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(addr) = server.metrics_addr() {
         announce.push_str(&format!("listening metrics {addr}\n"));
     }
+    let serving = server.start()?;
     if let Err(error) = say(announce) {
         tracing::warn!("{error:#}");
     }
-    let serving = server.run_until(
+    let serving = serving.serve_until(
         shutdown.clone().cancelled_owned(),
         abort.clone().cancelled_owned(),
     );
     tokio::select! {
-        served = serving => served.map(|()| ExitCode::SUCCESS),
-        () = overrun(shutdown, abort, grace) => {
+        () = serving => Ok(ExitCode::SUCCESS),
+        () = overrun(shutdown, abort, drain_delay + grace) => {
             tracing::error!(
                 "shutdown took {} past the grace period: exiting without waiting for the rest",
                 humantime::format_duration(SHUTDOWN_OVERRUN)
@@ -408,12 +419,14 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The first Ctrl-C or SIGTERM shuts down gracefully; a second one ends the
-/// grace period at once. (Both are registered before the server announces
-/// itself, so an early signal is never the default, fatal one.)
+/// The first Ctrl-C or SIGTERM shuts down gracefully (drain delay, then
+/// grace period); a second one ends both at once. (Both are registered
+/// before the server announces itself, so an early signal is never the
+/// default, fatal one.)
 async fn stop_on_signals(
     mut interrupt: Signal,
     mut terminate: Signal,
+    drain_delay: Duration,
     shutdown: CancellationToken,
     abort: CancellationToken,
 ) {
@@ -421,17 +434,25 @@ async fn stop_on_signals(
     // the log does may stand between a signal and what it asks for.
     wait_for_signal(&mut interrupt, &mut terminate).await;
     shutdown.cancel();
-    tracing::info!(
-        "shutting down: no new connections; open ones may finish (a second signal closes them now)"
-    );
+    if drain_delay.is_zero() {
+        tracing::info!(
+            "shutting down: no new connections; open ones may finish (a second signal closes them now)"
+        );
+    } else {
+        tracing::info!(
+            "shutting down: draining, /readyz answers 503; serving on for {} (drain-delay), then no new connections; open ones may finish (a second signal closes them now)",
+            humantime::format_duration(drain_delay)
+        );
+    }
     wait_for_signal(&mut interrupt, &mut terminate).await;
     abort.cancel();
     tracing::info!("second signal: closing open connections now");
 }
 
-/// Completes [`SHUTDOWN_OVERRUN`] after the grace period (or after a
-/// second signal cut it short) of a shutdown: the last resort against
-/// anything that would keep the process from exiting.
+/// Completes [`SHUTDOWN_OVERRUN`] after the drain delay and grace period
+/// (`grace`, both together) of a shutdown, or after a second signal cut
+/// them short: the last resort against anything that would keep the
+/// process from exiting.
 async fn overrun(shutdown: CancellationToken, abort: CancellationToken, grace: Duration) {
     shutdown.cancelled().await;
     tokio::select! {

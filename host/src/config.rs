@@ -38,6 +38,9 @@ pub struct ServerConfig {
     pub listeners: Vec<ListenerConfig>,
     /// How long open TCP connections may go on once their listener stops.
     pub grace: Duration,
+    /// How long the server goes on serving, not ready, after a shutdown
+    /// signal, so that load balancers stop sending it traffic first.
+    pub drain_delay: Duration,
     /// The largest plugin component file read, in bytes.
     pub max_plugin_size: u64,
 }
@@ -76,6 +79,31 @@ pub struct ListenerConfig {
     pub max_state: usize,
     /// Where and how its traffic is recorded, if it is (`record`).
     pub record: Option<RecordSettings>,
+    /// Whether each TCP connection starts with a PROXY protocol header
+    /// from a load balancer, and who may send one (`proxy-protocol`,
+    /// `proxy-from`).
+    pub proxy: Option<ProxyPolicy>,
+    /// Bind with `SO_REUSEPORT`, so that several processes can share the
+    /// port (`reuse-port`).
+    pub reuse_port: bool,
+}
+
+/// A TCP listener behind a load balancer that speaks the PROXY protocol
+/// (v1 or v2): every connection must open with a header naming the real
+/// client, or it is closed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProxyPolicy {
+    /// The addresses (the balancer's) allowed to send a header; empty:
+    /// any. A connection from anywhere else is closed unread.
+    pub allowed: Vec<ipnet::IpNet>,
+}
+
+impl ProxyPolicy {
+    /// Whether `source` may send a PROXY header.
+    pub fn allows(&self, source: std::net::IpAddr) -> bool {
+        let source = source.to_canonical();
+        self.allowed.is_empty() || self.allowed.iter().any(|net| net.contains(&source))
+    }
 }
 
 /// Bounds on a listener's traffic, so that no peer and no plugin can make a
@@ -189,6 +217,8 @@ pub struct ConfigError {
 pub struct RawConfig {
     #[serde(default, deserialize_with = "duration")]
     pub grace: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub drain_delay: Option<Duration>,
     #[serde(default, deserialize_with = "size")]
     pub max_plugin_size: Option<usize>,
     // Missing or empty alike: `resolve` says what to add.
@@ -242,10 +272,17 @@ pub struct RawListener {
     pub record_max_size: Option<usize>,
     pub record_keep: Option<usize>,
     pub record_sample: Option<f64>,
+    pub proxy_protocol: Option<bool>,
+    pub proxy_from: Option<Vec<String>>,
+    pub reuse_port: Option<bool>,
 }
 
 /// The default grace period for open connections.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+
+/// The default drain delay: none, so that a server on its own stops
+/// accepting at once; one behind a balancer wants its probe period or more.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::ZERO;
 
 /// The largest configuration file read: far more than any real one, and a
 /// path to something else by mistake is refused unread.
@@ -484,6 +521,12 @@ impl RawConfig {
             |v| humantime::format_duration(*v),
         )
         .map_err(|reason| origin.error(None, "grace", reason))?;
+        let drain_delay = in_range(
+            self.drain_delay.unwrap_or(DEFAULT_DRAIN_DELAY),
+            Duration::ZERO..=Duration::from_secs(3600),
+            |v| humantime::format_duration(*v),
+        )
+        .map_err(|reason| origin.error(None, "drain-delay", reason))?;
         let mut listeners = Vec::new();
         for (name, listener) in self.listeners {
             listeners.push(listener.resolve(&origin, name)?);
@@ -491,6 +534,7 @@ impl RawConfig {
         let config = ServerConfig {
             listeners,
             grace,
+            drain_delay,
             max_plugin_size,
             origin,
         };
@@ -615,7 +659,10 @@ impl RawListener {
             )? as u32,
         };
         let record = self.resolve_record(origin, &name)?;
+        let proxy = self.resolve_proxy(origin, &name)?;
         Ok(ListenerConfig {
+            proxy,
+            reuse_port: self.reuse_port.unwrap_or(false),
             record,
             plugin,
             plugin_config: self.plugin_config,
@@ -644,6 +691,49 @@ impl RawListener {
 }
 
 impl RawListener {
+    /// The `proxy-*` keys: a policy with `proxy-protocol = true` on a TCP
+    /// listener; `proxy-from` without it, or it without `tcp`, is a
+    /// mistake.
+    fn resolve_proxy(
+        &self,
+        origin: &Origin,
+        name: &str,
+    ) -> Result<Option<ProxyPolicy>, ConfigError> {
+        let error = |field: &str, reason: String| origin.error(Some(name), field, reason);
+        if self.proxy_protocol != Some(true) {
+            return match self.proxy_from {
+                Some(_) => Err(error(
+                    "proxy-from",
+                    "has no effect without `proxy-protocol = true`".to_owned(),
+                )),
+                None => Ok(None),
+            };
+        }
+        if self.tcp.is_none() {
+            return Err(error(
+                "proxy-protocol",
+                "needs a `tcp` address: the PROXY protocol is served on TCP only".to_owned(),
+            ));
+        }
+        let allowed = self
+            .proxy_from
+            .iter()
+            .flatten()
+            .map(|text| {
+                text.parse::<ipnet::IpNet>()
+                    .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map(|net| net.trunc())
+                    .map_err(|_| {
+                        error(
+                            "proxy-from",
+                            format!("{text:?} is not an IP address or a CIDR block (10.0.0.0/8, fd00::/8)"),
+                        )
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Some(ProxyPolicy { allowed }))
+    }
+
     /// The `record*` keys: nothing unless `record` names a file; the other
     /// keys without it are a mistake, not silently ignored.
     fn resolve_record(
@@ -846,6 +936,20 @@ fn duration<'de, D: serde::Deserializer<'de>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `proxy-from` holds for IPv4 clients of a dual-stack socket too
+    /// (which the kernel reports as `::ffff:a.b.c.d`); no list allows all.
+    #[test]
+    fn proxy_from_matches_blocks_and_mapped_addresses() {
+        let policy = ProxyPolicy {
+            allowed: vec!["10.0.0.0/8".parse().expect("a block")],
+        };
+        let ip = |text: &str| text.parse::<std::net::IpAddr>().expect("an address");
+        assert!(policy.allows(ip("10.1.2.3")));
+        assert!(policy.allows(ip("::ffff:10.1.2.3")));
+        assert!(!policy.allows(ip("192.0.2.1")));
+        assert!(ProxyPolicy::default().allows(ip("192.0.2.1")));
+    }
 
     /// The plugin runtime sizes its default pool without reading this
     /// module; this keeps the two defaults in step.

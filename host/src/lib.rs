@@ -15,6 +15,7 @@
 //! can be recorded ([`recording`]) and replayed into another plugin
 //! version, without sockets, to compare their decisions ([`replay`]).
 
+pub mod admin;
 pub mod background;
 pub mod check;
 pub mod cli;

@@ -2,7 +2,7 @@
 //! text exposition at `/metrics` (`serve --metrics ADDR`). The `metrics`
 //! crate records, `metrics-exporter-prometheus` renders; this module names
 //! the series, keeps ready handles for the ones the hot path touches, and
-//! answers HTTP requests for the rendering. Per-version series are kept
+//! renders the page [`crate::admin`] serves. Per-version series are kept
 //! and rendered by [`versions`] instead, so that they leave the page with
 //! their version (see there why the exporter cannot do that).
 //!
@@ -16,6 +16,7 @@
 //! | `wasm_echo_drops_total` (datagrams and messages that got no reply) | listener, reason (rate-limit, failed, refused-reply, unsent) |
 //! | `wasm_echo_closes_total` (TCP connections ended) | listener, reason (peer, plugin, idle, protocol, failed, shutdown, io, write-timeout) |
 //! | `wasm_echo_rejected_connections_total` | listener |
+//! | `wasm_echo_proxy_refused_total` (TCP connections closed for their PROXY header, before the plugin saw them) | listener, reason (truncated, signature, family, source, invalid) |
 //! | `wasm_echo_open_connections` | listener |
 //! | `wasm_echo_reloads_total` | listener, result (ok: swapped, unchanged: the same bytes again, failed) |
 //! | `wasm_echo_migrations_total` (sessions moved to a new version after a swap) | listener, outcome (migrated: with state, fresh: nothing to hand over, skipped: a connection left where it was, kept: hand-over failed and stayed, reset: hand-over failed and moved without state) |
@@ -43,8 +44,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use metrics::{Counter, Gauge, counter, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 mod versions;
 
@@ -71,7 +71,8 @@ const BUCKETS: &[f64] = &[
     5e-2, 0.1, 0.25, 0.5, 1.0, 5.0, 60.0,
 ];
 
-/// The `/metrics` endpoint, bound and not yet answering.
+/// The admin endpoint (`/metrics`, `/healthz`, `/readyz`), bound and not
+/// yet answering.
 pub struct MetricsEndpoint {
     listener: TcpListener,
     handle: PrometheusHandle,
@@ -117,12 +118,17 @@ impl MetricsEndpoint {
         self.listener.local_addr()
     }
 
-    /// Answers scrapes and folds histogram samples until `stop`.
-    pub async fn serve(self, stop: tokio_util::sync::CancellationToken) {
+    /// Answers the admin endpoint's requests (see [`crate::admin`]) and
+    /// folds histogram samples until `stop`.
+    pub async fn serve(
+        self,
+        readiness: std::sync::Arc<crate::admin::Readiness>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         tokio::select! {
             () = stop.cancelled() => {}
             () = upkeep(self.handle.clone()) => {}
-            () = answer_scrapes(self.listener, self.handle) => {}
+            () = crate::admin::serve(self.listener, self.handle, readiness) => {}
         }
     }
 }
@@ -141,70 +147,8 @@ async fn upkeep(handle: PrometheusHandle) {
     }
 }
 
-/// How long a scraper may take to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long a scraper may take to read the response. The body is some
-/// kilobytes; a scraper that has not taken it in this long is not reading,
-/// and would otherwise hold its task and socket forever.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The HTTP side, just enough for a scraper: every `GET /metrics` gets the
-/// rendering, anything else a 404. One request per connection.
-async fn answer_scrapes(listener: TcpListener, handle: PrometheusHandle) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        tokio::spawn(answer(stream, handle.clone()));
-    }
-}
-
-/// Answers one scrape, within [`HEAD_TIMEOUT`] and [`RESPONSE_TIMEOUT`].
-async fn answer(mut stream: TcpStream, handle: PrometheusHandle) {
-    let mut request = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    let read_head = async {
-        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(len) => request.extend_from_slice(&buf[..len]),
-            }
-        }
-    };
-    if tokio::time::timeout(HEAD_TIMEOUT, read_head).await.is_err() {
-        return;
-    }
-    let line = request
-        .split(|byte| *byte == b'\r')
-        .next()
-        .unwrap_or_default();
-    let (status, content_type, body) = if line.starts_with(b"GET /metrics ") {
-        ("200 OK", "text/plain; version=0.0.4", render(&handle))
-    } else {
-        ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let respond = async {
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body.as_bytes()).await?;
-        stream.shutdown().await
-    };
-    if tokio::time::timeout(RESPONSE_TIMEOUT, respond)
-        .await
-        .is_err()
-    {
-        // Reset rather than leave the unread rest in the kernel's buffers.
-        let _ = stream.set_zero_linger();
-    }
-}
-
 /// The whole page: the exporter's series, then the per-version ones.
-fn render(handle: &PrometheusHandle) -> String {
+pub(crate) fn render(handle: &PrometheusHandle) -> String {
     let mut page = handle.render();
     versions::render(&mut page);
     page
@@ -320,6 +264,8 @@ pub struct ListenerMetrics {
     drops: [Counter; NoReply::ALL.len()],
     /// Indexed by [`CloseReason`].
     closes: [Counter; CloseReason::ALL.len()],
+    /// Indexed by [`Refusal`](crate::listener::proxy::Refusal).
+    proxy_refused: [Counter; crate::listener::proxy::Refusal::ALL.len()],
     /// Its plugin versions' series.
     plugins: PluginSeries,
 }
@@ -347,6 +293,9 @@ impl ListenerMetrics {
             tcp_replies: replies("tcp"),
             drops: NoReply::ALL.map(|why| drop(why.label())),
             closes: CloseReason::ALL.map(|why| close(why.label())),
+            proxy_refused: crate::listener::proxy::Refusal::ALL.map(|why| {
+                counter!("wasm_echo_proxy_refused_total", "listener" => l.clone(), "reason" => why.label())
+            }),
             plugins: PluginSeries::new(listener),
             listener: l,
         }
@@ -379,6 +328,11 @@ impl ListenerMetrics {
     /// A message got no reply from its plugin.
     pub fn dropped(&self, why: NoReply) {
         self.drops[why as usize].increment(1);
+    }
+
+    /// A connection was closed for its PROXY header, unseen by the plugin.
+    pub fn proxy_refused(&self, why: crate::listener::proxy::Refusal) {
+        self.proxy_refused[why as usize].increment(1);
     }
 
     /// A connection was refused at max-connections.

@@ -1,9 +1,13 @@
 //! The server, the one entry point every way of running wasm-echo goes
 //! through (the `serve` command, the benchmark, in-process tests), in the
 //! shape of mini-redis's `server::run`: [`Server::bind`] loads every
-//! listener's plugin, binds every socket, the `/metrics` endpoint and the
-//! control socket; [`Server::run`] serves until a shutdown future resolves
-//! or every listener has stopped by itself (their plugins said `exit`).
+//! listener's plugin, binds every socket, the admin endpoint (`/metrics`,
+//! `/healthz`, `/readyz`) and the control socket; [`Server::run`] serves
+//! until a shutdown future resolves (after a drain delay, see there) or
+//! every listener has stopped by itself (their plugins said `exit`). It
+//! is [`Server::start`] (everything spawned, `/readyz` ready) and then
+//! [`Serving::serve_until`]; the `serve` command calls the two itself, to
+//! print its `listening` lines in between, once the server is ready.
 //!
 //! Everything it starts (listener tasks, one thread per UDP listener, the
 //! control socket, the file watcher, SIGHUP reloads, the metrics endpoint,
@@ -27,6 +31,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{Readiness, ReadyState};
 use crate::config::{Protocol, ServerConfig};
 use crate::control::ControlSocket;
 use crate::listener;
@@ -76,11 +81,16 @@ pub struct Server {
     tenants: Vec<Arc<Tenant>>,
     sockets: Vec<Socket>,
     grace: Duration,
+    /// How long to go on serving, not ready, once shutdown begins.
+    drain_delay: Duration,
     /// The `/metrics` endpoint, if asked for; bound before any tenant was
     /// made, so that their series are recorded.
     metrics: Option<(SocketAddr, MetricsEndpoint)>,
     control: Option<ControlSocket>,
     operations: Operations,
+    /// What `/readyz` says; ready once every listener serves, draining
+    /// from the moment shutdown begins.
+    readiness: Arc<Readiness>,
 }
 
 impl Server {
@@ -157,9 +167,11 @@ impl Server {
             tenants,
             sockets,
             grace: config.grace,
+            drain_delay: config.drain_delay,
             metrics,
             control,
             operations,
+            readiness: Readiness::new(),
         })
     }
 
@@ -185,9 +197,11 @@ impl Server {
             tenants,
             sockets,
             grace: config.grace,
+            drain_delay: config.drain_delay,
             metrics: None,
             control: None,
             operations: Operations::default(),
+            readiness: Readiness::new(),
         })
     }
 
@@ -213,6 +227,11 @@ impl Server {
         self.metrics.as_ref().map(|(addr, _)| *addr)
     }
 
+    /// What `/readyz` answers, shared: tests and embedders may watch it.
+    pub fn readiness(&self) -> Arc<Readiness> {
+        self.readiness.clone()
+    }
+
     /// The control socket's path, if there is one.
     pub fn control_path(&self) -> Option<&Path> {
         self.control.as_ref().map(ControlSocket::path)
@@ -223,9 +242,11 @@ impl Server {
         &self.tenants
     }
 
-    /// Serves until `shutdown` resolves (then gives open connections the
-    /// grace period) or every listener has stopped by itself, then stops
-    /// everything else it started and returns once all of it has.
+    /// Serves until `shutdown` resolves or every listener has stopped by
+    /// itself, then stops everything else it started and returns once all
+    /// of it has. When `shutdown` resolves, `/readyz` turns 503 at once,
+    /// the listeners serve on for the drain delay, then stop accepting,
+    /// and open connections get the grace period.
     ///
     /// # Errors
     ///
@@ -236,7 +257,8 @@ impl Server {
     }
 
     /// Like [`Server::run`]; `abort`, once `shutdown` has resolved, ends
-    /// the grace period at once (an operator's second Ctrl-C).
+    /// the drain delay and the grace period at once (an operator's second
+    /// Ctrl-C).
     ///
     /// # Errors
     ///
@@ -246,6 +268,21 @@ impl Server {
         shutdown: impl Future<Output = ()>,
         abort: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
+        self.start()?.serve_until(shutdown, abort).await;
+        Ok(())
+    }
+
+    /// Starts everything: the listeners, the control socket, the file
+    /// watcher, SIGHUP reloads and the admin endpoint, and makes `/readyz`
+    /// say ready. Must be called within a tokio runtime. Whoever announces
+    /// the server (the `listening` lines) does so after this, so that an
+    /// announced server is a ready one.
+    ///
+    /// # Errors
+    ///
+    /// The file watcher or the SIGHUP handler cannot be set up; nothing is
+    /// served then.
+    pub fn start(self) -> anyhow::Result<Serving> {
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let reloader = self
@@ -275,9 +312,6 @@ impl Server {
         if let (Some(reloader), Some(control)) = (&reloader, self.control) {
             tracing::info!("control socket {}", control.path().display());
             tasks.spawn(control.serve(reloader.clone(), stop.child_token()));
-        }
-        if let Some((_, endpoint)) = self.metrics {
-            tasks.spawn(endpoint.serve(stop.child_token()));
         }
         // Sums up each tenant's held-back warnings once their window is
         // over, even when nothing new comes to trigger it.
@@ -328,30 +362,98 @@ impl Server {
             }
         }
         listeners.close();
+        // Ready before the admin endpoint answers its first request, and
+        // before `start` returns: nobody can see this server `starting`
+        // once it has been announced.
+        self.readiness.advance(ReadyState::Ready);
+        if let Some((_, endpoint)) = self.metrics {
+            tasks.spawn(endpoint.serve(self.readiness.clone(), stop.child_token()));
+        }
+        Ok(Serving {
+            tenants: self.tenants,
+            readiness: self.readiness,
+            drain_delay: self.drain_delay,
+            stop,
+            tasks,
+            listeners,
+            stop_listeners,
+            abort_listeners,
+        })
+    }
+}
+
+/// A started server ([`Server::start`]): what it takes to drain it and
+/// stop everything it started.
+pub struct Serving {
+    tenants: Vec<Arc<Tenant>>,
+    /// Turned to draining first when shutdown begins.
+    readiness: Arc<Readiness>,
+    /// How long to go on serving, not ready, once shutdown begins.
+    drain_delay: Duration,
+    /// Stops everything but the listeners, once they have stopped.
+    stop: CancellationToken,
+    /// The control socket, watcher, SIGHUP, admin endpoint and warning
+    /// summaries.
+    tasks: TaskTracker,
+    /// One task per socket; all of them stopped means the server is done.
+    listeners: TaskTracker,
+    /// Tells the listeners to stop accepting (their grace period begins).
+    stop_listeners: CancellationToken,
+    /// Ends the grace period at once.
+    abort_listeners: CancellationToken,
+}
+
+impl Serving {
+    /// Serves until `shutdown` resolves or every listener has stopped by
+    /// itself, then stops everything and returns once all of it has; see
+    /// [`Server::run_until`].
+    pub async fn serve_until(
+        self,
+        shutdown: impl Future<Output = ()>,
+        abort: impl Future<Output = ()>,
+    ) {
+        let listeners = &self.listeners;
         tokio::select! {
             () = shutdown => {
-                stop_listeners.cancel();
-                tokio::select! {
-                    () = listeners.wait() => {}
-                    () = abort => {
-                        abort_listeners.cancel();
-                        listeners.wait().await;
+                // Balancers learn first; the listeners serve on meanwhile.
+                self.readiness.advance(ReadyState::Draining);
+                let mut abort = std::pin::pin!(abort);
+                let aborted = tokio::select! {
+                    () = tokio::time::sleep(self.drain_delay) => {
+                        if !self.drain_delay.is_zero() {
+                            tracing::info!("drain delay over: no new connections");
+                        }
+                        false
+                    }
+                    () = listeners.wait() => false,
+                    () = &mut abort => true,
+                };
+                self.stop_listeners.cancel();
+                if aborted {
+                    self.abort_listeners.cancel();
+                } else {
+                    tokio::select! {
+                        () = listeners.wait() => {}
+                        () = abort => self.abort_listeners.cancel(),
                     }
                 }
+                listeners.wait().await;
             }
             () = listeners.wait() => {}
         }
+        // Listeners that stopped by themselves (`exit`) take no more
+        // traffic either.
+        self.readiness.advance(ReadyState::Draining);
         tracing::info!("every listener has stopped");
-        stop.cancel();
-        tasks.close();
-        tasks.wait().await;
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
         for tenant in &self.tenants {
             tenant.warnings().finish();
             if let Some(recorder) = tenant.recorder() {
                 recorder.finish(RECORDING_FINISH).await;
             }
         }
-        Ok(())
     }
 }
 
@@ -372,9 +474,10 @@ async fn bind_sockets(tenants: &[Arc<Tenant>]) -> anyhow::Result<Vec<Socket>> {
     let mut sockets = Vec::new();
     for tenant in tenants {
         for (protocol, addr) in tenant.sockets() {
-            let kind = match protocol {
-                Protocol::Udp => UdpSocket::bind(addr).await.map(SocketKind::Udp),
-                Protocol::Tcp => TcpListener::bind(addr).await.map(SocketKind::Tcp),
+            let kind = match (protocol, tenant.reuse_port()) {
+                (Protocol::Udp, false) => UdpSocket::bind(addr).await.map(SocketKind::Udp),
+                (Protocol::Tcp, false) => TcpListener::bind(addr).await.map(SocketKind::Tcp),
+                (protocol, true) => bind_reusing_port(protocol, addr),
             }
             .map_err(|e| bind_error(protocol, addr, &e))?;
             sockets.push(Socket {
@@ -384,6 +487,37 @@ async fn bind_sockets(tenants: &[Arc<Tenant>]) -> anyhow::Result<Vec<Socket>> {
         }
     }
     Ok(sockets)
+}
+
+/// How many connections the kernel queues for a listener bound by
+/// [`bind_reusing_port`] (tokio's `TcpListener::bind` asks for as many).
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Binds `addr` with `SO_REUSEPORT` (the tenant's `reuse-port`): other
+/// processes that set it too, as the same user, may bind the same port,
+/// and the kernel spreads connections and datagrams over them by the
+/// client's address.
+fn bind_reusing_port(protocol: Protocol, addr: SocketAddr) -> std::io::Result<SocketKind> {
+    use socket2::{Domain, Socket as RawSocket, Type};
+    let (kind, protocol_number) = match protocol {
+        Protocol::Udp => (Type::DGRAM, socket2::Protocol::UDP),
+        Protocol::Tcp => (Type::STREAM, socket2::Protocol::TCP),
+    };
+    let socket = RawSocket::new(Domain::for_address(addr), kind, Some(protocol_number))?;
+    if protocol == Protocol::Tcp {
+        // As tokio's own bind does: a restart need not wait out TIME_WAIT.
+        socket.set_reuse_address(true)?;
+    }
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(match protocol {
+        Protocol::Udp => SocketKind::Udp(UdpSocket::from_std(socket.into())?),
+        Protocol::Tcp => {
+            socket.listen(LISTEN_BACKLOG)?;
+            SocketKind::Tcp(TcpListener::from_std(socket.into())?)
+        }
+    })
 }
 
 /// A bind error that says what to do about it.

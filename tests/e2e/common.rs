@@ -37,14 +37,34 @@ pub fn run(args: &[&str]) -> Output {
 
 /// [`run`], in folder `dir`.
 pub fn run_in(dir: &std::path::Path, args: &[&str]) -> Output {
-    let mut child = Command::new(BIN)
-        .current_dir(dir)
-        .args(args)
+    let mut command = Command::new(BIN);
+    command.current_dir(dir).args(args);
+    run_command(command)
+}
+
+/// `command` as it would be typed, for messages.
+fn describe(command: &Command) -> String {
+    format!(
+        "{} {}",
+        command.get_program().to_string_lossy(),
+        command
+            .get_args()
+            .map(|arg| arg.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
+/// Runs `command` to completion, its stdin empty and its output captured,
+/// failing the test if it has not finished within [`PATIENCE`].
+pub fn run_command(mut command: Command) -> Output {
+    let what = describe(&command);
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("wasm-echo runs");
+        .unwrap_or_else(|error| panic!("`{what}` does not start: {error}"));
     let drain = |mut pipe: Box<dyn Read + Send>| {
         thread::spawn(move || {
             let mut bytes = Vec::new();
@@ -62,10 +82,7 @@ pub fn run_in(dir: &std::path::Path, args: &[&str]) -> Output {
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!(
-                "`wasm-echo {}` did not finish within {PATIENCE:?}",
-                args.join(" ")
-            );
+            panic!("`{what}` did not finish within {PATIENCE:?}");
         }
         thread::sleep(Duration::from_millis(10));
     };
@@ -227,15 +244,7 @@ impl Server {
     /// that ends by exec'ing it, say, or with a stdin of the caller's
     /// choice), and waits for `expected` `listening` lines.
     pub fn from_command(mut command: Command, expected: usize) -> Self {
-        let what = format!(
-            "{} {}",
-            command.get_program().to_string_lossy(),
-            command
-                .get_args()
-                .map(|arg| arg.to_string_lossy())
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
+        let what = describe(&command);
         let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -3,6 +3,8 @@
 
 mod common;
 
+/// The admin endpoint: health, readiness and drain, `/metrics`.
+mod admin;
 /// Command-line errors: each bad input gets one clear line.
 mod cli;
 /// Configuration files: every mistake refused before anything binds.
@@ -23,8 +25,10 @@ mod idle;
 mod logs;
 /// `/metrics` counts exactly the traffic sent; JSON logs; `status`.
 mod metrics;
-// State hand-over between versions across a reload.
+/// State hand-over between versions across a reload.
 mod migration;
+/// Three nodes behind nginx (`deploy/multinode.sh`): spread, real clients, drain, rolling swap.
+mod multinode;
 /// The hello and echo plugins in Python, JavaScript and C, held to the Rust ones' behaviour.
 mod polyglot;
 /// Hot reloads: under load, on file changes, on SIGHUP, and failed ones.
@@ -38,6 +42,8 @@ mod resolution;
 mod sandbox;
 /// `wasm-echo new`: every language's project builds, passes `check` and serves.
 mod scaffold;
+/// Behind a load balancer: PROXY protocol headers, `reuse-port`.
+mod scaleout;
 /// Peers and log readers that stop reading cannot hold the server.
 mod stalls;
 /// Tenants' limits, and hostile plugins contained next to a good tenant.

@@ -2,7 +2,9 @@
 //! answered with how many messages its connection has sent so far (the host
 //! gives every connection its own instance, so the count is per connection),
 //! and each datagram with how many datagrams its peer (address and port) has
-//! sent to this listener.
+//! sent to this listener. It says at `debug` who each connection is from,
+//! as it sees it: behind a balancer that sends the PROXY protocol, the
+//! client rather than the balancer.
 //!
 //! It targets `stateful-plugin`: when a reload swaps in a new version, it
 //! hands its counts over (schema 1, see [`counts`]), so they go on where
@@ -16,6 +18,7 @@ mod counts;
 
 use bindings::exports::wasm_echo::plugin::state::{self, SavedState};
 use bindings::exports::wasm_echo::plugin::{tcp, udp};
+use bindings::wasm_echo::plugin::host;
 use bindings::wasm_echo::plugin::types::{Connection, Decision, Endpoint, Next, VersionInfo};
 
 struct Counter;
@@ -34,7 +37,11 @@ impl udp::Guest for Counter {
 }
 
 impl tcp::Guest for Counter {
-    fn on_open(_conn: Connection) -> Decision {
+    fn on_open(conn: Connection) -> Decision {
+        host::log(
+            host::Level::Debug,
+            &format!("counting for {}:{}", conn.peer.ip, conn.peer.port),
+        );
         Decision {
             reply: None,
             next: Next::CarryOn,

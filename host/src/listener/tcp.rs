@@ -61,6 +61,11 @@ const UNSENT_LOW_WATER: u32 = 128 * 1024;
 /// exchanges short messages keeps a small buffer.
 const FIRST_READ: usize = 4 * 1024;
 
+/// How long a load balancer may take to send a PROXY header (or the idle
+/// timeout, if shorter): it sends it at once, with or before the client's
+/// first bytes.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves `listener` until the plugin stops it or `shutdown` fires, then
 /// gives open connections `grace` to finish, or less if `abort` fires.
 pub async fn serve(
@@ -109,6 +114,7 @@ pub async fn serve(
             hard_stop: Box::pin(hard_stop.clone().cancelled_owned()),
             _permit: permit,
             recorded: tenant.recorder().and_then(Recorder::connection),
+            early: BytesMut::new(),
         };
         connections.spawn(connection.run());
     }
@@ -157,6 +163,9 @@ struct ConnectionTask {
     /// Its number in the tenant's recording, if it is recorded: a sampled
     /// connection is recorded whole.
     recorded: Option<u64>,
+    /// What arrived after a PROXY header, read with it: the start of the
+    /// stream the plugin sees.
+    early: BytesMut,
 }
 
 /// How a connection ended, for the log.
@@ -229,6 +238,34 @@ impl ConnectionTask {
         {
             tracing::debug!(listener, %peer, "TCP_NOTSENT_LOWAT not set: {error}");
         }
+        // Behind a balancer the real client comes first, before any
+        // instance is made for the connection.
+        if let Some(policy) = tenant.proxy() {
+            let header = tokio::select! {
+                () = &mut self.hard_stop => return,
+                header = super::proxy::read_header(
+                    &mut self.stream,
+                    peer,
+                    policy,
+                    tenant.idle_timeout().min(PROXY_HEADER_TIMEOUT),
+                ) => header,
+            };
+            match header {
+                Ok(accepted) => {
+                    self.peer = accepted.peer;
+                    self.early = accepted.rest;
+                }
+                Err(refusal) => {
+                    tenant.metrics().proxy_refused(refusal);
+                    if tenant.warnings().admit("connection refused (PROXY header)") {
+                        tracing::warn!(listener, %peer, "connection closed: {refusal}");
+                    }
+                    let _ = self.stream.shutdown().await;
+                    return;
+                }
+            }
+        }
+        let peer = self.peer;
         let mut session = match tenant.session(tenant.upgrade_connections()).await {
             Ok(session) => session,
             Err(error) => {
@@ -330,7 +367,7 @@ impl ConnectionTask {
         }
         let mut reader = MessageReader::new(self.tenant.framing(), self.tenant.max_message());
         let mut want = FIRST_READ;
-        let mut buf = BytesMut::with_capacity(want);
+        let mut buf = std::mem::take(&mut self.early);
         let mut peer_closed = false;
         // The idle timer is set once and only moved when it fires after
         // activity, rather than re-armed (a trip through tokio's timer

@@ -195,6 +195,17 @@ impl Tenant {
         self.config.honor_stop
     }
 
+    /// Whether its TCP connections open with a PROXY protocol header, and
+    /// from where.
+    pub fn proxy(&self) -> Option<&crate::config::ProxyPolicy> {
+        self.config.proxy.as_ref()
+    }
+
+    /// Whether its sockets are bound with `SO_REUSEPORT`.
+    pub fn reuse_port(&self) -> bool {
+        self.config.reuse_port
+    }
+
     /// How long a TCP connection may stay silent.
     pub fn idle_timeout(&self) -> Duration {
         self.config.traffic.idle_timeout
