@@ -37,6 +37,10 @@ const SKIPPABLE: &[(&str, &str)] = &[
     ("ipv6", "skip_ipv6"),
     // The documented default addresses, UDP and TCP port 12345, free.
     ("default-ports", "skip_default_ports"),
+    // Debian's prometheus (scripts/bootstrap.sh installs it).
+    ("prometheus", "skip_prometheus"),
+    // kubernetes-validate in target/venv (scripts/bootstrap.sh installs it).
+    ("kubernetes", "skip_kubernetes"),
 ];
 const SKIP_VARIABLE: &str = "WASM_ECHO_SKIP_TESTS";
 
