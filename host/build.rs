@@ -40,6 +40,10 @@ const SKIPPABLE: &[(&str, &str)] = &[
     // Debian's nginx with its stream module (scripts/install-debian.sh),
     // the balancer of deploy/multinode.sh.
     ("nginx", "skip_nginx"),
+    // Debian's prometheus (scripts/bootstrap.sh installs it).
+    ("prometheus", "skip_prometheus"),
+    // kubernetes-validate in target/venv (scripts/bootstrap.sh installs it).
+    ("kubernetes", "skip_kubernetes"),
 ];
 const SKIP_VARIABLE: &str = "WASM_ECHO_SKIP_TESTS";
 

@@ -39,7 +39,8 @@ enum Command {
     /// clients).
     Client(ClientArgs),
     /// Check that a plugin loads and fits the wasm-echo:plugin world; print
-    /// what it imports and exports.
+    /// what it imports and exports. With --config, check a whole
+    /// configuration file without serving it.
     Check(CheckArgs),
     /// Ask a running server to reload plugins: from their files, or from a
     /// new plugin. Nothing changes if the new version fails to load.
@@ -269,8 +270,13 @@ struct ReloadArgs {
 #[derive(Debug, Args)]
 struct CheckArgs {
     /// A built-in's name or the path of a .wasm component.
-    #[arg(value_name = "NAME|PATH")]
-    plugin: String,
+    #[arg(value_name = "NAME|PATH", required_unless_present = "config")]
+    plugin: Option<String>,
+    /// Check a configuration file instead, as `serve --config` would before
+    /// binding: every key, and every listener's plugin loaded and started
+    /// with its settings and limits. Nothing is bound.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["plugin", "max_plugin_size"])]
+    config: Option<PathBuf>,
     /// The largest plugin file read [default: 128MiB].
     #[arg(long, value_name = "SIZE", value_parser = parse_plugin_size)]
     max_plugin_size: Option<u64>,
@@ -578,7 +584,13 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let source = PluginSource::parse(&args.plugin)?;
+    if let Some(path) = &args.config {
+        say(crate::check::check_config(path).await?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    // clap asks for a plugin whenever --config is missing.
+    let plugin = args.plugin.context("no plugin to check")?;
+    let source = PluginSource::parse(&plugin)?;
     let mut runtime = Runtime::new()?;
     runtime.set_max_plugin_size(args.max_plugin_size.unwrap_or(DEFAULT_MAX_PLUGIN_SIZE));
     say(crate::check::check(&runtime, &source).await?)?;

@@ -101,6 +101,10 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<MetricsEndpoint> {
             RECORDER.get_or_init(|| handle).clone()
         }
     };
+    // On the page from the start, at 0 (the counter only ever rises to the
+    // logger's total): a series that appears only once something goes
+    // wrong cannot be charted or alerted on until then.
+    log_lines_dropped(0);
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot serve metrics on {addr}"))?;

@@ -117,6 +117,19 @@ pub fn one_line_error(output: &Output, needles: &[&str]) -> String {
     stderr.trim().to_owned()
 }
 
+/// The stdout of `what`, a command that must have succeeded; the test
+/// fails with its stderr otherwise.
+pub fn succeeded(what: &str, output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// Polls `probe` every 20 ms until it returns `Some`, failing the test
 /// with `what` after [`PATIENCE`].
 pub fn poll_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
@@ -128,6 +141,29 @@ pub fn poll_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
         assert!(Instant::now() < deadline, "gave up waiting: {what}");
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Like [`poll_until`] for a probe that says why it is not done yet: the
+/// test fails with `what` and the last reason.
+pub fn poll_until_ok<T>(what: &str, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match probe() {
+            Ok(found) => return found,
+            Err(reason) => assert!(
+                Instant::now() < deadline,
+                "gave up waiting: {what}: {reason}"
+            ),
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A file of the repository (`deploy/...`), by its path from the top.
+pub fn repo_file(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
 }
 
 /// A control socket path of a test's own, in a fresh scratch folder.
@@ -393,8 +429,9 @@ impl Server {
 }
 
 /// Kills process `pid` if it is still running after [`SERVER_LIFETIME`],
-/// unless the returned sender is dropped first.
-fn watch_lifetime(pid: u32, what: String) -> mpsc::Sender<()> {
+/// unless the returned sender is dropped first. For any server a test
+/// starts (Prometheus too), so that a hung test cannot leave it behind.
+pub fn watch_lifetime(pid: u32, what: String) -> mpsc::Sender<()> {
     let (alive, watched) = mpsc::channel::<()>();
     thread::spawn(move || {
         if let Err(mpsc::RecvTimeoutError::Timeout) = watched.recv_timeout(SERVER_LIFETIME) {

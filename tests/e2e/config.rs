@@ -2,7 +2,8 @@ use std::io::Write;
 use std::net::{TcpListener, UdpSocket};
 
 use crate::common::{
-    Server, free_port, one_line_error, run, scratch_file, tcp_ask, tcp_client, udp_ask, udp_client,
+    Server, free_port, one_line_error, run, scratch_file, succeeded, tcp_ask, tcp_client, udp_ask,
+    udp_client,
 };
 
 /// Serves `toml` and expects it refused with one line naming `key` and
@@ -17,10 +18,41 @@ fn assert_refused(toml: &str, key: &str, reason: &str, good: std::net::SocketAdd
     );
     let path = scratch_file("bad.toml", toml.as_bytes());
     let output = run(&["serve", "--config", path.to_str().expect("utf-8 path")]);
-    one_line_error(&output, &[&path.display().to_string(), key, reason]);
+    let refusal = one_line_error(&output, &[&path.display().to_string(), key, reason]);
     assert!(
         String::from_utf8_lossy(&output.stdout).is_empty(),
         "nothing listened"
+    );
+    // `check --config` refuses it too, in the same words.
+    let checked = run(&["check", "--config", path.to_str().expect("utf-8 path")]);
+    assert_eq!(one_line_error(&checked, &[]), refusal);
+}
+
+/// `check --config` resolves the file and starts each listener's plugin,
+/// but binds nothing: the addresses it names may be taken (or be another
+/// machine's, such as a pod's).
+#[test]
+fn check_config_starts_every_plugin_and_binds_nothing() {
+    let addr = free_port();
+    let _held = (
+        UdpSocket::bind(addr).expect("hold the udp address"),
+        TcpListener::bind(addr).expect("hold the tcp address"),
+    );
+    let other = free_port();
+    let toml = format!(
+        "{}[listeners.b-counter]\nplugin = \"counter\"\ntcp = \"{other}\"\n",
+        good(addr)
+    );
+    let path = scratch_file("check.toml", toml.as_bytes());
+    let output = run(&["check", "--config", path.to_str().expect("utf-8 path")]);
+    let stdout = succeeded("check --config", &output);
+    assert_eq!(
+        stdout,
+        format!(
+            "ok: {} holds 2 listener(s)\n  a-good: built-in plugin `echo` on udp {addr}, tcp {addr}\n  \
+             b-counter: built-in plugin `counter` on tcp {other}\n",
+            path.display()
+        )
     );
 }
 

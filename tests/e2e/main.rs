@@ -21,6 +21,10 @@ mod framing;
 mod hello;
 /// An idle server sleeps, and wakes for the next call's deadline.
 mod idle;
+/// The container image deploy/image.sh builds: a static binary alone, that serves.
+mod image;
+/// The Kubernetes manifests: valid against the schemas, and in step with their TOML.
+mod kubernetes;
 /// Plugin output (log calls, stdout, stderr, panics) reaches the log bounded and escaped.
 mod logs;
 /// `/metrics` counts exactly the traffic sent; JSON logs; `status`.
@@ -31,6 +35,8 @@ mod migration;
 mod multinode;
 /// The hello and echo plugins in Python, JavaScript and C, held to the Rust ones' behaviour.
 mod polyglot;
+/// Debian's prometheus with the shipped scrape config; the Grafana dashboard's series.
+mod prometheus;
 /// Hot reloads: under load, on file changes, on SIGHUP, and failed ones.
 mod reload;
 /// Recording traffic and replaying it against another plugin version.

@@ -97,6 +97,24 @@ impl fmt::Debug for Tenant {
     }
 }
 
+/// What each instance of `config`'s plugin is given: its settings, limits
+/// and log budget (one per tenant, shared by its instances). `check
+/// --config` starts each plugin with these too.
+pub fn instance_settings(config: &ListenerConfig) -> InstanceSettings {
+    let tenant: Arc<str> = config.name.as_str().into();
+    InstanceSettings {
+        log_budget: LogBudget::new(
+            tenant.clone(),
+            config.traffic.log_lines_per_second,
+            config.traffic.log_bytes_per_second,
+        ),
+        tenant,
+        config: config.plugin_config.clone(),
+        limits: config.limits.clone(),
+        clocks: Clocks::Real,
+    }
+}
+
 impl Tenant {
     /// A tenant served by `plugin`.
     pub fn wasm(config: ListenerConfig, plugin: Arc<Plugin>) -> Self {
@@ -113,18 +131,7 @@ impl Tenant {
     }
 
     fn new(config: ListenerConfig, metrics: ListenerMetrics, handler: Handler) -> Self {
-        let tenant: Arc<str> = config.name.as_str().into();
-        let settings = Arc::new(InstanceSettings {
-            log_budget: LogBudget::new(
-                tenant.clone(),
-                config.traffic.log_lines_per_second,
-                config.traffic.log_bytes_per_second,
-            ),
-            tenant,
-            config: config.plugin_config.clone(),
-            limits: config.limits.clone(),
-            clocks: Clocks::Real,
-        });
+        let settings = Arc::new(instance_settings(&config));
         Self {
             metrics,
             warnings: Warnings::new(&config.name),
