@@ -204,7 +204,7 @@ impl Writer {
                         Ok(message) => {
                             self.write(message);
                             drained += 1;
-                            if drained % YIELD_EVERY == 0 {
+                            if drained.is_multiple_of(YIELD_EVERY) {
                                 std::thread::yield_now();
                             }
                         }
