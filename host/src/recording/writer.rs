@@ -198,20 +198,9 @@ impl Writer {
             // queue empty and be woken again by the very next record.
             loop {
                 std::thread::sleep(DRAIN_EVERY);
-                let mut drained = 0_usize;
-                loop {
-                    match queue.try_recv() {
-                        Ok(message) => {
-                            self.write(message);
-                            drained += 1;
-                            if drained.is_multiple_of(YIELD_EVERY) {
-                                std::thread::yield_now();
-                            }
-                        }
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Disconnected) => break 'idle,
-                    }
-                }
+                let Some(drained) = self.drain(&queue) else {
+                    break 'idle;
+                };
                 self.flush();
                 if drained == 0 {
                     if closing.load(Ordering::Relaxed) {
@@ -226,6 +215,26 @@ impl Writer {
         }
         self.flush();
         tracing::debug!(listener, "recording {} closed", self.path.display());
+    }
+
+    /// Writes every record queued now, offering its core to other threads
+    /// every [`YIELD_EVERY`]; says how many, or `None` once the queue is
+    /// closed.
+    fn drain(&mut self, queue: &Receiver<Message>) -> Option<usize> {
+        let mut drained = 0_usize;
+        loop {
+            match queue.try_recv() {
+                Ok(message) => {
+                    self.write(message);
+                    drained += 1;
+                    if drained.is_multiple_of(YIELD_EVERY) {
+                        std::thread::yield_now();
+                    }
+                }
+                Err(TryRecvError::Empty) => return Some(drained),
+                Err(TryRecvError::Disconnected) => return None,
+            }
+        }
     }
 
     fn write(&mut self, message: Message) {
