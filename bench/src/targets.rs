@@ -91,6 +91,7 @@ pub fn listener_config(plugin: &str, connections: usize) -> anyhow::Result<Serve
         grace: Duration::from_millis(100),
         drain_delay: Duration::ZERO,
         max_plugin_size: wasm_echo::plugin::DEFAULT_MAX_PLUGIN_SIZE,
+        cache_dir: None,
     })
 }
 

@@ -162,6 +162,11 @@ struct ServeArgs {
     /// refused unread [default: 128MiB].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     max_plugin_size: Option<usize>,
+    /// Where fetched and compiled plugins are kept between runs; it must
+    /// belong to this user and be writable by no one else [default:
+    /// $XDG_CACHE_HOME/wasm-echo or ~/.cache/wasm-echo].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
     /// Record every exchange (datagrams, TCP messages, the plugin's
     /// decisions) to this file, as JSON lines, for `wasm-echo replay`;
     /// mode 0600, rotated at --record-max-size.
@@ -206,6 +211,7 @@ impl ServeArgs {
             grace: self.grace,
             drain_delay: self.drain_delay,
             max_plugin_size: self.max_plugin_size,
+            cache_dir: self.cache_dir,
             listeners: [("main".to_owned(), listener)].into(),
         }
     }
@@ -375,7 +381,15 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         reload_on_sighup: true,
     };
     let config = match args.config.take() {
-        Some(path) => ServerConfig::from_file(&path)?,
+        Some(path) => {
+            let mut config = ServerConfig::from_file(&path)?;
+            // The one flag a file's settings give way to: where a machine
+            // keeps its cache is the machine's business, not the file's.
+            if let Some(dir) = args.cache_dir.take() {
+                config.cache_dir = Some(dir);
+            }
+            config
+        }
         None => args.into_raw().resolve(Origin::Flags)?,
     };
     // Registered before the server announces itself, so that an early

@@ -43,6 +43,10 @@ pub struct ServerConfig {
     pub drain_delay: Duration,
     /// The largest plugin component file read, in bytes.
     pub max_plugin_size: u64,
+    /// Where fetched and compiled plugins are kept between runs, as the
+    /// operator named it (`cache-dir`); `None` for the user's cache
+    /// directory.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// One tenant: a plugin serving a UDP and/or a TCP address.
@@ -221,6 +225,7 @@ pub struct RawConfig {
     pub drain_delay: Option<Duration>,
     #[serde(default, deserialize_with = "size")]
     pub max_plugin_size: Option<usize>,
+    pub cache_dir: Option<PathBuf>,
     // Missing or empty alike: `resolve` says what to add.
     #[serde(default)]
     pub listeners: BTreeMap<String, RawListener>,
@@ -536,6 +541,13 @@ impl RawConfig {
             grace,
             drain_delay,
             max_plugin_size,
+            cache_dir: self.cache_dir.map(|dir| {
+                if dir.is_relative() {
+                    origin.base().join(dir)
+                } else {
+                    dir
+                }
+            }),
             origin,
         };
         config.check()?;

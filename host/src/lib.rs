@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod background;
+pub mod cache;
 pub mod check;
 pub mod cli;
 pub mod client;

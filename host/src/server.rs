@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{Readiness, ReadyState};
+use crate::cache::CacheDir;
 use crate::config::{Protocol, ServerConfig};
 use crate::control::ControlSocket;
 use crate::listener;
@@ -107,6 +108,9 @@ impl Server {
         // The instance pool is sized once, for every listener's limits.
         let mut runtime = Runtime::with_pool(config.pool_size())?;
         runtime.set_max_plugin_size(config.max_plugin_size);
+        if let Some(cache) = open_cache(&config)? {
+            runtime.set_cache(cache);
+        }
         let runtime = Arc::new(runtime);
         let mut loaded: HashMap<PluginSource, Arc<Plugin>> = HashMap::new();
         let mut tenants = Vec::new();
@@ -453,6 +457,33 @@ impl Serving {
             if let Some(recorder) = tenant.recorder() {
                 recorder.finish(RECORDING_FINISH).await;
             }
+        }
+    }
+}
+
+/// The cache directory the configuration names, or else the user's. One
+/// the operator named must be usable; when the default is not (no home, a
+/// read-only one), the server says so once and runs without a cache.
+///
+/// # Errors
+///
+/// The operator's `cache-dir` cannot be made, or is not private to this
+/// user.
+fn open_cache(config: &ServerConfig) -> anyhow::Result<Option<CacheDir>> {
+    if let Some(dir) = &config.cache_dir {
+        let cache =
+            CacheDir::open(dir).map_err(|error| config.origin.error(None, "cache-dir", error))?;
+        return Ok(Some(cache));
+    }
+    let Some(dir) = CacheDir::default_path() else {
+        tracing::warn!("no cache: the environment names no home directory (set --cache-dir)");
+        return Ok(None);
+    };
+    match CacheDir::open(&dir) {
+        Ok(cache) => Ok(Some(cache)),
+        Err(error) => {
+            tracing::warn!("no cache: {error} (set --cache-dir)");
+            Ok(None)
         }
     }
 }

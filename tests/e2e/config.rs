@@ -278,3 +278,22 @@ fn honor_stop_false_ignores_exit() {
     server.wait_for_log("ignored (honor-stop = false)");
     assert_eq!(udp_ask(&socket, b"still there?"), b"Hello, client!");
 }
+
+// Compiled code is loaded from the cache directory, so one that another
+// user could write is refused before anything binds, in one line.
+#[test]
+fn a_cache_dir_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch_file("placeholder", b"")
+        .parent()
+        .expect("scratch folder")
+        .join("shared-cache");
+    std::fs::create_dir_all(&dir).expect("made");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let dir_text = dir.display().to_string();
+    let output = run(&["serve", "--udp", "127.0.0.1:0", "--cache-dir", &dir_text]);
+    one_line_error(
+        &output,
+        &["--cache-dir", &dir_text, "can be written by others"],
+    );
+}

@@ -32,6 +32,7 @@ use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAlloc
 use super::host::{self, HostState};
 use super::output::{escape, fold_lines};
 use super::{Limits, LoadError, Plugin, PluginSource, bindings};
+use crate::cache::CacheDir;
 
 /// How often the epoch advances: the granularity of deadlines, and how
 /// often a long-running call yields its thread to other work.
@@ -149,6 +150,9 @@ pub struct Runtime {
     ticker: Arc<Ticker>,
     /// The largest component file [`Runtime::load`] reads.
     max_plugin_bytes: u64,
+    /// Where fetched and compiled plugins are kept between runs, when the
+    /// server has a cache.
+    cache: Option<CacheDir>,
 }
 
 /// The epoch ticker's handle. The runtime and every plugin it loaded hold
@@ -329,12 +333,23 @@ impl Runtime {
             linker,
             ticker: Arc::new(ticker),
             max_plugin_bytes: super::DEFAULT_MAX_PLUGIN_SIZE,
+            cache: None,
         })
     }
 
     /// Refuses component files larger than `bytes` from now on.
     pub fn set_max_plugin_size(&mut self, bytes: u64) {
         self.max_plugin_bytes = bytes;
+    }
+
+    /// Keeps what is fetched and compiled from now on in `cache`.
+    pub fn set_cache(&mut self, cache: CacheDir) {
+        self.cache = Some(cache);
+    }
+
+    /// The server's cache directory, if it has one.
+    pub fn cache(&self) -> Option<&CacheDir> {
+        self.cache.as_ref()
     }
 
     /// Reads, compiles, type-checks and pre-links a plugin. This is the
