@@ -14,6 +14,8 @@
 //! take turns within each round, so drift on a shared machine hits them
 //! alike.
 
+mod child;
+mod cpu;
 mod hostile;
 mod load;
 mod memory;
@@ -28,6 +30,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use wasm_echo::plugin::{PluginSource, Runtime};
 
@@ -61,22 +64,32 @@ struct Cli {
     /// tcp-ping, tcp-stream, tcp-churn, memory, plugin, reload (hot-reload
     /// latency and throughput during swaps), hostile (a good tenant's
     /// latency beside each hostile one; run only when named), record (p99
-    /// with recording on and off; run only when named). Repeatable.
+    /// with recording on and off; run only when named), cpu (server CPU
+    /// per message and tails against a C epoll server, each server in a
+    /// process of its own). Repeatable.
     #[arg(long, value_name = "PART")]
     only: Vec<String>,
+    /// The C epoll echo server for the `cpu` part, built by
+    /// scripts/build-bench-baseline.sh (which the bench runs itself when
+    /// the file is missing) [default: target/bench/epoll-echo].
+    #[arg(long, value_name = "FILE")]
+    epoll_server: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Child>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Child {
-    /// Internal: serve one target for the memory workload, in a process of
-    /// its own.
+    /// Internal: serve one target in a process of its own, for the memory
+    /// and CPU workloads.
     #[command(hide = true)]
-    MemoryServer {
+    Server {
         /// Which server.
         #[arg(long, value_enum)]
         kind: Kind,
+        /// The plugin wasm-echo runs.
+        #[arg(long)]
+        plugin: String,
         /// Connections it must accept at once.
         #[arg(long)]
         connections: usize,
@@ -128,7 +141,11 @@ impl Plan {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Child::MemoryServer { kind, connections }) => memory::serve_child(kind, connections),
+        Some(Child::Server {
+            kind,
+            plugin,
+            connections,
+        }) => child::serve(kind, &plugin, connections),
         None => run(&cli),
     };
     match result {
@@ -218,6 +235,17 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         None
     };
 
+    let cpu = if wanted("cpu") {
+        let sizes = cpu::Sizes {
+            // Tails need more rounds than rates to settle.
+            rounds: if cli.quick { 1 } else { plan.rounds.max(5) },
+            time: plan.budget.time,
+        };
+        Some(cpu::measure(&clients, &epoll_server(cli)?, sizes)?)
+    } else {
+        None
+    };
+
     let workloads: Vec<Workload> = Workload::ALL
         .into_iter()
         .filter(|workload| wanted(workload.part()))
@@ -260,6 +288,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     if let Some(recording) = &recording {
         record::print(recording);
     }
+    if let Some(cpu) = &cpu {
+        cpu::print(cpu);
+    }
     println!();
     println!(
         "Finished in {:.0} s; load average at the end: {}",
@@ -289,6 +320,27 @@ async fn drive(workload: Workload, addrs: Addrs, plan: &Plan) -> anyhow::Result<
             Outcome::Rate(load::tcp_churn(addrs.tcp, size, plan.clients, budget).await?)
         }
     })
+}
+
+/// The C baseline's path, built first if it is missing.
+fn epoll_server(cli: &Cli) -> anyhow::Result<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = cli
+        .epoll_server
+        .clone()
+        .unwrap_or_else(|| root.join("target/bench/epoll-echo"));
+    if !path.exists() {
+        eprintln!("cpu: building the C baseline into {}", path.display());
+        let status = std::process::Command::new(root.join("scripts/build-bench-baseline.sh"))
+            .arg(&path)
+            .status()
+            .context("running scripts/build-bench-baseline.sh")?;
+        anyhow::ensure!(
+            status.success(),
+            "scripts/build-bench-baseline.sh failed ({status})"
+        );
+    }
+    Ok(path)
 }
 
 fn plan_summary(cli: &Cli, plan: &Plan) -> String {

@@ -1,5 +1,5 @@
-//! Memory per idle connection: a server in a child process of its own (this
-//! same binary, `memory-server`), so that its resident set holds the
+//! Memory per idle connection: a server in a child process of its own
+//! ([`crate::child`]), so that its resident set holds the
 //! server's memory alone and none of the client sockets, and thousands of
 //! connections held open against it, each having exchanged one message.
 //! For wasm-echo every connection then holds a live instance of the
@@ -8,14 +8,14 @@
 //! The delta of the child's `VmRSS` (from `/proc/PID/status`) between
 //! before and after, divided by the number of connections, is the figure.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::targets::{self, Kind};
+use crate::child::ChildServer;
+use crate::targets::Kind;
 
 /// The plugin whose instances hold per-connection state.
 pub const STATEFUL_PLUGIN: &str = "counter";
@@ -42,59 +42,6 @@ impl Memory {
     }
 }
 
-/// The child's side: serves `kind` on loopback, prints its TCP address, and
-/// exits when its standard input closes (so it never outlives the bench).
-///
-/// # Errors
-///
-/// A server that does not start.
-pub fn serve_child(kind: Kind, connections: usize) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let addrs = targets::start(kind, STATEFUL_PLUGIN, connections).await?;
-        println!("listening {}", addrs.tcp);
-        std::io::stdout().flush()?;
-        tokio::task::spawn_blocking(|| {
-            let mut sink = Vec::new();
-            let _ = std::io::stdin().read_to_end(&mut sink);
-        })
-        .await?;
-        anyhow::Ok(())
-    })
-}
-
-/// Kills the child when dropped, whatever happened in between.
-struct ChildServer(Child);
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        if self.0.wait_timeout_ms(2000).is_none() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-trait WaitTimeout {
-    fn wait_timeout_ms(&mut self, ms: u64) -> Option<std::process::ExitStatus>;
-}
-
-impl WaitTimeout for Child {
-    fn wait_timeout_ms(&mut self, ms: u64) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + Duration::from_millis(ms);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
-    }
-}
-
 /// Starts `kind` as a child, holds `connections` connections open against
 /// it and measures its resident set.
 ///
@@ -102,30 +49,8 @@ impl WaitTimeout for Child {
 ///
 /// A child that does not start, or connections that fail.
 pub fn idle_connections(kind: Kind, connections: usize) -> anyhow::Result<Memory> {
-    let exe = std::env::current_exe().context("finding the bench binary")?;
-    let kind_arg = match kind {
-        Kind::Wasm => "wasm",
-        Kind::Native => "native",
-        Kind::Tokio => "tokio",
-    };
-    let child = Command::new(exe)
-        .args(["memory-server", "--kind", kind_arg, "--connections"])
-        .arg((connections + 1000).to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting the memory-server child")?;
-    let mut child = ChildServer(child);
-    let pid = child.0.id();
-    let stdout = child.0.stdout.take().context("child stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let addr: SocketAddr = line
-        .trim()
-        .strip_prefix("listening ")
-        .with_context(|| format!("the child said {line:?}"))?
-        .parse()?;
+    let child = ChildServer::target(kind, STATEFUL_PLUGIN, connections + 1000)?;
+    let (pid, addr) = (child.pid(), child.addrs.tcp);
 
     // Warm up: the first connections fault in code, allocator arenas and
     // the runtime's structures, which are not per-connection costs.

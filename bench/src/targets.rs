@@ -36,6 +36,15 @@ pub enum Kind {
 impl Kind {
     /// Every kind, in the table's column order.
     pub const ALL: [Self; 3] = [Self::Wasm, Self::Native, Self::Tokio];
+
+    /// Its name on a child's command line.
+    pub fn arg(self) -> &'static str {
+        match self {
+            Self::Wasm => "wasm",
+            Self::Native => "native",
+            Self::Tokio => "tokio",
+        }
+    }
 }
 
 impl fmt::Display for Kind {
