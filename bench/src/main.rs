@@ -64,7 +64,9 @@ struct Cli {
     /// tcp-ping, tcp-stream, tcp-churn, memory, plugin, reload (hot-reload
     /// latency and throughput during swaps), hostile (a good tenant's
     /// latency beside each hostile one; run only when named), record (p99
-    /// with recording on and off; run only when named), cpu (server CPU
+    /// with recording on and off; run only when named), soak (1,000,000
+    /// calls into one instance of each echo component, weighing its memory;
+    /// run only when named), cpu (server CPU
     /// per message and tails against a C epoll server, each server in a
     /// process of its own). Repeatable.
     #[arg(long, value_name = "PART")]
@@ -213,6 +215,18 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         figures.push(measured);
     }
     let native_call = plugin::native_call(plan.plugin.calls);
+    let mut soaks = Vec::new();
+    if cli.only.iter().any(|only| only == "soak") {
+        let calls = if cli.quick { 20_000 } else { 1_000_000 };
+        let mut sources = vec![("rust".to_owned(), PluginSource::parse("echo")?)];
+        if let Some(dir) = &cli.polyglot {
+            sources.extend(plugin::polyglot_sources(dir));
+        }
+        for (label, source) in sources {
+            eprintln!("soak: {calls} calls into one {label} instance");
+            soaks.push(clients.block_on(plugin::soak(&wasm, &label, source, calls))?);
+        }
+    }
     let reloads = if wanted("reload") {
         Some(reload::measure(&clients, reload::Sizes::new(cli.quick))?)
     } else {
@@ -290,6 +304,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     }
     if let Some(cpu) = &cpu {
         cpu::print(cpu);
+    }
+    if !soaks.is_empty() {
+        plugin::print_soaks(&soaks);
     }
     println!();
     println!(

@@ -192,3 +192,89 @@ fn median_p99(times: &mut [u64]) -> (u64, u64) {
         quantile(times, 0.99).unwrap_or(0),
     )
 }
+
+/// What a long run of calls into one instance did to its memory.
+#[derive(Debug)]
+pub struct Soak {
+    /// What it is (`rust`, `js`, ...).
+    pub label: String,
+    /// Calls made (all of those asked for, unless one failed).
+    pub calls: usize,
+    /// The instance's linear memory after its first call, in bytes.
+    pub first: usize,
+    /// And after the last call.
+    pub last: usize,
+    /// The memory cap it ran under.
+    pub cap: usize,
+    /// How long the calls took.
+    pub elapsed: Duration,
+    /// Why the calls stopped early, if they did.
+    pub failure: Option<String>,
+}
+
+/// Makes `calls` 64-byte `on-datagram` calls into one instance of
+/// `source`, as a UDP listener's instance lives, and weighs its memory
+/// before and after: a guest whose heap grows with every call meets its
+/// memory cap here.
+///
+/// # Errors
+///
+/// A component that does not load or instantiate.
+pub async fn soak(
+    runtime: &Runtime,
+    label: &str,
+    source: PluginSource,
+    calls: usize,
+) -> anyhow::Result<Soak> {
+    let plugin = Arc::new(runtime.load(&source)?);
+    let settings = settings();
+    let cap = settings.limits.memory_bytes;
+    let peer: SocketAddr = ([127, 0, 0, 1], 40_000).into();
+    let data = [b's'; 64];
+    let mut instance = Instance::new(&plugin, settings).await?;
+    let start = Instant::now();
+    let (mut first, mut made, mut failure) = (0, 0, None);
+    for i in 0..calls {
+        if let Err(error) = instance.on_datagram(peer, &data).await {
+            failure = Some(format!("call {} failed: {error}", i + 1));
+            break;
+        }
+        made += 1;
+        if i == 0 {
+            first = instance.memory_bytes();
+        }
+    }
+    Ok(Soak {
+        label: label.to_owned(),
+        calls: made,
+        first,
+        last: instance.memory_bytes(),
+        cap,
+        elapsed: start.elapsed(),
+        failure,
+    })
+}
+
+/// Prints the long runs as a table.
+pub fn print_soaks(soaks: &[Soak]) {
+    let mib = |bytes: usize| bytes as f64 / f64::from(1 << 20);
+    println!();
+    println!("## Memory over a long run of calls into one instance");
+    println!();
+    println!(
+        "| echo in | calls made | memory after call 1 MiB | after the last MiB | cap MiB | µs per call | stopped because |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    for soak in soaks {
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.2} | {} |",
+            soak.label,
+            soak.calls,
+            mib(soak.first),
+            mib(soak.last),
+            mib(soak.cap),
+            soak.elapsed.as_secs_f64() * 1e6 / soak.calls.max(1) as f64,
+            soak.failure.as_deref().unwrap_or("—"),
+        );
+    }
+}

@@ -255,6 +255,8 @@ pub struct RawListener {
     pub call_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "size")]
     pub memory_limit: Option<usize>,
+    #[serde(default, deserialize_with = "size")]
+    pub recycle_at: Option<usize>,
     pub table_elements: Option<usize>,
     pub instances: Option<usize>,
     #[serde(default, deserialize_with = "size")]
@@ -591,16 +593,23 @@ impl RawListener {
             in_range(value, range, |v| humantime::format_duration(*v))
                 .map_err(|reason| error(field, reason))
         };
+        let memory_bytes = check_size(
+            "memory-limit",
+            self.memory_limit.unwrap_or(defaults.memory_bytes),
+            1 << 20..=4 << 30,
+        )?;
         let limits = Limits {
             call_timeout: check_duration(
                 "call-timeout",
                 self.call_timeout.unwrap_or(defaults.call_timeout),
                 Duration::from_millis(1)..=Duration::from_secs(60),
             )?,
-            memory_bytes: check_size(
-                "memory-limit",
-                self.memory_limit.unwrap_or(defaults.memory_bytes),
-                1 << 20..=4 << 30,
+            memory_bytes,
+            recycle_bytes: check_size(
+                "recycle-at",
+                self.recycle_at
+                    .unwrap_or(Limits::recycle_default(memory_bytes)),
+                1 << 20..=memory_bytes,
             )?,
             table_elements: check(
                 "table-elements",

@@ -20,6 +20,7 @@
 //! | `wasm_echo_open_connections` | listener |
 //! | `wasm_echo_reloads_total` | listener, result (ok: swapped, unchanged: the same bytes again, failed) |
 //! | `wasm_echo_migrations_total` (sessions moved to a new version after a swap) | listener, outcome (migrated: with state, fresh: nothing to hand over, skipped: a connection left where it was, kept: hand-over failed and stayed, reset: hand-over failed and moved without state) |
+//! | `wasm_echo_instances_renewed_total` (instances replaced past `recycle-at`) | listener, outcome (with-state, fresh, failed) |
 //! | `wasm_echo_plugin_failures_total` | listener, version, kind (trap, deadline, memory, reply) |
 //! | `wasm_echo_plugin_call_seconds`, `wasm_echo_instantiation_seconds` (histograms) | listener, version |
 //! | `wasm_echo_instances` | listener, version |

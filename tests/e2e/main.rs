@@ -39,6 +39,8 @@ mod polyglot;
 mod prometheus;
 /// Hot reloads: under load, on file changes, on SIGHUP, and failed ones.
 mod reload;
+/// A plugin instance whose memory keeps growing is renewed before its cap.
+mod renewal;
 /// Recording traffic and replaying it against another plugin version.
 mod replay;
 /// One configuration path for flags and files; one control socket a server.

@@ -9,6 +9,9 @@
 //! - `restore-spin`: `restore` never returns (the deadline stops it);
 //! - `snapshot-trap`: `snapshot` panics (when this is the old version);
 //! - `huge-snapshot`: `snapshot` returns 2 MiB (over the default cap).
+//!
+//! Its `leak-bytes` setting makes every message leak that many bytes, as a
+//! garbage-collected runtime's heap can, for the tests of instance renewal.
 
 mod bindings {
     wit_bindgen::generate!({ path: "../../wit", world: "stateful-plugin" });
@@ -31,12 +34,20 @@ fn reply(count: u64) -> Decision {
     }
 }
 
+/// Leaks `leak-bytes` bytes, touched so that they are really held.
+fn leak() {
+    if let Some(bytes) = host::get_config("leak-bytes").and_then(|n| n.parse().ok()) {
+        std::mem::forget(vec![1u8; bytes]);
+    }
+}
+
 fn fault() -> String {
     host::get_config("state-fault").unwrap_or_default()
 }
 
 impl udp::Guest for CounterNext {
     fn on_datagram(peer: Endpoint, _data: Vec<u8>) -> Decision {
+        leak();
         reply(counts::datagram(format!("{}:{}", peer.ip, peer.port)))
     }
 }
@@ -50,6 +61,7 @@ impl tcp::Guest for CounterNext {
     }
 
     fn on_message(_data: Vec<u8>) -> Decision {
+        leak();
         reply(counts::message())
     }
 

@@ -20,6 +20,8 @@
 //!   about another tenant, with a newline, a carriage return and ANSI
 //!   escapes) with `log`, to stdout and to stderr, then echoes;
 //! - `forge-panic`: panics with its `text` setting as the message;
+//! - `leak`: every message leaks `leak-bytes` bytes (default 64 KiB) and
+//!   is echoed, as a runtime whose heap only grows;
 //! - `slow`: busy-waits `slow-ms` milliseconds (default 20), then echoes;
 //! - `sleep`: a message that starts with `sleep` (every message, with
 //!   `sleep-always = "yes"`) blocks in a WASI pollable
@@ -104,6 +106,13 @@ fn misbehave(data: Vec<u8>) -> Decision {
             reply(data)
         }
         "forge-panic" => panic!("{}", forged_text()),
+        "leak" => {
+            let bytes = host::get_config("leak-bytes")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(64 << 10);
+            std::mem::forget(vec![1u8; bytes]);
+            reply(data)
+        }
         "slow" => {
             let millis = host::get_config("slow-ms")
                 .and_then(|ms| ms.parse().ok())

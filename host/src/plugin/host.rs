@@ -169,6 +169,10 @@ pub struct HostState {
     pub(super) ticker: Arc<Ticker>,
     wasi: WasiCtx,
     table: ResourceTable,
+    /// The linear memory the instance holds, all its memories together:
+    /// what its memory cap is measured against, kept for whoever weighs
+    /// an instance (the benchmark's long run).
+    pub(super) memory_bytes: usize,
 }
 
 impl HostState {
@@ -213,7 +217,13 @@ impl HostState {
             ticker,
             wasi,
             table,
+            memory_bytes: 0,
         }
+    }
+
+    /// What the instance was started with.
+    pub(super) fn settings(&self) -> &Arc<InstanceSettings> {
+        &self.settings
     }
 
     /// How long each call of this instance may take.
@@ -312,7 +322,7 @@ impl ResourceLimiter for HostState {
 
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -324,6 +334,7 @@ impl ResourceLimiter for HostState {
                 limit,
             }));
         }
+        self.memory_bytes += desired.saturating_sub(current);
         Ok(true)
     }
 

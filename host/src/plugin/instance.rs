@@ -115,6 +115,22 @@ impl Instance {
         &self.plugin
     }
 
+    /// The linear memory this instance has grown to, in bytes: a guest
+    /// that leaks shows it here long before it meets its memory cap.
+    pub fn memory_bytes(&self) -> usize {
+        self.store.data().memory_bytes
+    }
+
+    /// What this instance was started with: a replacement gets the same.
+    pub fn settings(&self) -> &Arc<InstanceSettings> {
+        self.store.data().settings()
+    }
+
+    /// Whether its memory has grown past the tenant's `recycle-at`.
+    pub fn bloated(&self) -> bool {
+        self.memory_bytes() > self.settings().limits.recycle_bytes
+    }
+
     /// Hands the plugin one datagram from `peer`.
     ///
     /// # Errors

@@ -12,6 +12,12 @@ pub struct Limits {
     pub call_timeout: Duration,
     /// Linear memory one instance may grow to, in bytes.
     pub memory_bytes: usize,
+    /// Linear memory past which an instance is replaced, between two
+    /// messages, by a fresh one of the same version (with its state, when
+    /// it offers `state`): a guest whose heap only grows (the JavaScript
+    /// and Python runtimes' do, a little every call) is renewed before it
+    /// meets `memory_bytes` and fails a message.
+    pub recycle_bytes: usize,
     /// Elements one table may hold (function pointers, mostly).
     pub table_elements: usize,
     /// Core instances (and as many tables and memories) one component
@@ -26,6 +32,13 @@ impl Limits {
     /// The default memory cap: room for a Python or JavaScript runtime's
     /// heap, small enough that thousands of connections fit.
     pub const DEFAULT_MEMORY_BYTES: usize = 64 << 20;
+    /// The default recycling point for a memory cap: three quarters of
+    /// it, which leaves a growing heap room for a few thousand more calls
+    /// while the fresh instance starts.
+    pub const fn recycle_default(memory_bytes: usize) -> usize {
+        memory_bytes / 4 * 3
+    }
+
     /// The default table cap.
     pub const DEFAULT_TABLE_ELEMENTS: usize = 20_000;
     /// The default cap on core instances, tables and memories: a Rust or C
@@ -38,6 +51,7 @@ impl Default for Limits {
         Self {
             call_timeout: Self::DEFAULT_CALL_TIMEOUT,
             memory_bytes: Self::DEFAULT_MEMORY_BYTES,
+            recycle_bytes: Self::recycle_default(Self::DEFAULT_MEMORY_BYTES),
             table_elements: Self::DEFAULT_TABLE_ELEMENTS,
             instances: Self::DEFAULT_INSTANCES,
         }

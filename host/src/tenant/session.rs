@@ -13,7 +13,10 @@ use std::time::Instant;
 use super::native::NativeHandler;
 use super::version::Version;
 use crate::metrics::FailureKind;
-use crate::plugin::{CallError, Connection, Decision, Instance, Next, SavedState, VersionInfo};
+use crate::plugin::{
+    CallError, Connection, Decision, Instance, InstanceSettings, Next, Plugin, SavedState,
+    VersionInfo,
+};
 
 /// One conversation's handler and the version it runs.
 pub struct Session {
@@ -29,6 +32,13 @@ pub struct Session {
     /// again until another one is swapped in. Weak: a declined version
     /// must not be kept alive by the sessions that declined it.
     declined: Option<Weak<Version>>,
+    /// Whether its instance is still renewed when it grows past
+    /// `recycle-at` (see [`Session::recycle_if_bloated`]); off once a
+    /// renewal failed or could not help.
+    recycling: bool,
+    /// Whether this is a TCP connection's (it has had `on-open`): a fresh
+    /// instance there can only go on with the conversation's state.
+    opened: bool,
 }
 
 enum SessionKind {
@@ -59,6 +69,8 @@ impl Session {
             version,
             movable,
             declined: None,
+            recycling: true,
+            opened: false,
         }
     }
 
@@ -145,6 +157,7 @@ impl Session {
         peer: SocketAddr,
         data: &[u8],
     ) -> Result<Decision, CallError> {
+        self.recycle_if_bloated().await?;
         let started = Instant::now();
         let decision = match &mut self.kind {
             SessionKind::Wasm(instance) => instance.on_datagram(peer, data).await,
@@ -164,6 +177,7 @@ impl Session {
         conn: &Connection,
         peer: SocketAddr,
     ) -> Result<Decision, CallError> {
+        self.opened = true;
         let opened = match &mut self.kind {
             SessionKind::Wasm(instance) => instance.on_open(conn, peer).await,
             SessionKind::Native(_) => Ok(Decision {
@@ -180,6 +194,7 @@ impl Session {
     ///
     /// A [`CallError`] from the plugin.
     pub async fn on_message(&mut self, data: &[u8]) -> Result<Decision, CallError> {
+        self.recycle_if_bloated().await?;
         let started = Instant::now();
         let decision = match &mut self.kind {
             SessionKind::Wasm(instance) => instance.on_message(data).await,
@@ -187,6 +202,82 @@ impl Session {
         };
         self.version.series().call(started.elapsed());
         self.count(decision)
+    }
+
+    /// Renews an instance whose memory has grown past `recycle-at`, before
+    /// its next message: a fresh instance of the same version takes over,
+    /// `restore`d from the old one's `snapshot` when the plugin offers
+    /// `state`. A UDP listener's instance without `state` starts afresh (it
+    /// would anyway once it met its memory cap, and fail a datagram doing
+    /// so); a TCP connection's is renewed only with its state, since a
+    /// fresh instance would not know the conversation. When renewing fails,
+    /// or the fresh instance is as big at once, the session stays as it is
+    /// and is not renewed again.
+    ///
+    /// # Errors
+    ///
+    /// The old instance trapped in `snapshot`: it cannot go on, and the
+    /// message fails as if its own call had.
+    async fn recycle_if_bloated(&mut self) -> Result<(), CallError> {
+        let SessionKind::Wasm(instance) = &mut self.kind else {
+            return Ok(());
+        };
+        if !self.recycling || !instance.bloated() {
+            return Ok(());
+        }
+        let stateful = instance.offers_state();
+        if self.opened && !stateful {
+            self.recycling = false;
+            return Ok(());
+        }
+        let (grown, settings) = (instance.memory_bytes(), instance.settings().clone());
+        let saved = if stateful {
+            match instance.snapshot().await {
+                Ok(saved) => saved,
+                Err(error) => {
+                    self.recycling = false;
+                    self.version.series().failed(FailureKind::from(&error));
+                    return Err(error);
+                }
+            }
+        } else {
+            None
+        };
+        let plugin = instance.plugin().clone();
+        let renewal = match renew(plugin, settings.clone(), saved.as_ref()).await {
+            Ok(Ok(fresh)) => {
+                self.recycling = !fresh.bloated();
+                **instance = fresh;
+                if saved.is_some() {
+                    Renewal::WithState
+                } else {
+                    Renewal::Fresh
+                }
+            }
+            Ok(Err(reason)) => {
+                self.recycling = false;
+                Renewal::Failed(format!("restore refused: {reason}"))
+            }
+            Err(error) => {
+                self.recycling = false;
+                self.version.series().failed(FailureKind::from(&error));
+                Renewal::Failed(error.to_string())
+            }
+        };
+        tracing::info!(
+            listener = %settings.tenant,
+            "an instance of {} grew to {} MiB, past recycle-at ({} MiB): {renewal}",
+            self.version.label(),
+            grown >> 20,
+            settings.limits.recycle_bytes >> 20,
+        );
+        metrics::counter!(
+            "wasm_echo_instances_renewed_total",
+            "listener" => settings.tenant.to_string(),
+            "outcome" => renewal.label(),
+        )
+        .increment(1);
+        Ok(())
     }
 
     /// See [`Instance::on_close`]. Its failure is logged by the listener,
@@ -199,6 +290,53 @@ impl Session {
         match &mut self.kind {
             SessionKind::Wasm(instance) => instance.on_close().await,
             SessionKind::Native(_) => Ok(()),
+        }
+    }
+}
+
+/// A fresh instance of `plugin` with `settings`, given `saved` (the old
+/// instance's state) if there is any. `Ok(Err)`: the fresh
+/// instance refused the state.
+async fn renew(
+    plugin: Arc<Plugin>,
+    settings: Arc<InstanceSettings>,
+    saved: Option<&SavedState>,
+) -> Result<Result<Instance, String>, CallError> {
+    let mut fresh = Instance::new(&plugin, settings).await?;
+    if let Some(saved) = saved
+        && let Err(reason) = fresh.restore(&plugin.version_info(), saved).await?
+    {
+        return Ok(Err(reason));
+    }
+    Ok(Ok(fresh))
+}
+
+/// What renewing a grown instance came to.
+enum Renewal {
+    /// A fresh instance took over with the old one's state.
+    WithState,
+    /// A fresh instance took over; there was no state to hand over.
+    Fresh,
+    /// The old instance goes on, and is not renewed again.
+    Failed(String),
+}
+
+impl Renewal {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::WithState => "with-state",
+            Self::Fresh => "fresh",
+            Self::Failed(_) => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Renewal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::WithState => f.write_str("renewed, with its state"),
+            Self::Fresh => f.write_str("renewed afresh (the plugin offers no state)"),
+            Self::Failed(why) => write!(f, "not renewed ({why}); it goes on as it is"),
         }
     }
 }
