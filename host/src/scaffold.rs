@@ -21,7 +21,7 @@ const WIT_BINDGEN_VERSION: &str = "0.61";
 // The tools' versions, as pinned in scripts/build-polyglot.sh and
 // guest-plugins/js/package.json (a unit test keeps them in step).
 const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
-const COMPONENTIZE_JS_VERSION: &str = "0.22.0";
+const COMPONENTIZE_JS_VERSION: &str = "0.23.0";
 const WIT_BINDGEN_CLI_VERSION: &str = "0.63.0";
 const WASM_TOOLS_VERSION: &str = "1.263.0";
 /// The WASI preview 1 adapter follows the host's wasmtime release.
