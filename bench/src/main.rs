@@ -21,6 +21,7 @@ mod plugin;
 mod record;
 mod reload;
 mod report;
+mod rollout;
 mod targets;
 
 use std::collections::HashMap;
@@ -61,7 +62,9 @@ struct Cli {
     /// tcp-ping, tcp-stream, tcp-churn, memory, plugin, reload (hot-reload
     /// latency and throughput during swaps), hostile (a good tenant's
     /// latency beside each hostile one; run only when named), record (p99
-    /// with recording on and off; run only when named). Repeatable.
+    /// with recording on and off; run only when named), rollout (the stable
+    /// version's latency with no rollout, during a canary and in shadow
+    /// mode; run only when named). Repeatable.
     #[arg(long, value_name = "PART")]
     only: Vec<String>,
     #[command(subcommand)]
@@ -218,6 +221,16 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         None
     };
 
+    let rollouts = if cli.only.iter().any(|only| only == "rollout") {
+        Some(rollout::measure(
+            &servers,
+            &clients,
+            rollout::Sizes::new(cli.quick),
+        )?)
+    } else {
+        None
+    };
+
     let workloads: Vec<Workload> = Workload::ALL
         .into_iter()
         .filter(|workload| wanted(workload.part()))
@@ -259,6 +272,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     }
     if let Some(recording) = &recording {
         record::print(recording);
+    }
+    if let Some(rollouts) = &rollouts {
+        rollout::print(rollouts);
     }
     println!();
     println!(
