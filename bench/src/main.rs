@@ -23,6 +23,7 @@ mod plugin;
 mod record;
 mod reload;
 mod report;
+mod rollout;
 mod targets;
 
 use std::collections::HashMap;
@@ -66,9 +67,10 @@ struct Cli {
     /// latency beside each hostile one; run only when named), record (p99
     /// with recording on and off; run only when named), soak (1,000,000
     /// calls into one instance of each echo component, weighing its memory;
-    /// run only when named), cpu (server CPU
-    /// per message and tails against a C epoll server, each server in a
-    /// process of its own). Repeatable.
+    /// run only when named), rollout (the stable version's latency with no
+    /// rollout, during a canary and in shadow mode; run only when named),
+    /// cpu (server CPU per message and tails against a C epoll server, each
+    /// server in a process of its own). Repeatable.
     #[arg(long, value_name = "PART")]
     only: Vec<String>,
     /// The C epoll echo server for the `cpu` part, built by
@@ -260,6 +262,16 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         None
     };
 
+    let rollouts = if cli.only.iter().any(|only| only == "rollout") {
+        Some(rollout::measure(
+            &servers,
+            &clients,
+            rollout::Sizes::new(cli.quick),
+        )?)
+    } else {
+        None
+    };
+
     let workloads: Vec<Workload> = Workload::ALL
         .into_iter()
         .filter(|workload| wanted(workload.part()))
@@ -307,6 +319,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     }
     if !soaks.is_empty() {
         plugin::print_soaks(&soaks);
+    }
+    if let Some(rollouts) = &rollouts {
+        rollout::print(rollouts);
     }
     println!();
     println!(

@@ -93,6 +93,7 @@ pub fn listener_config(plugin: &str, connections: usize) -> anyhow::Result<Serve
         record: None,
         proxy: None,
         reuse_port: false,
+        rollout: None,
     };
     Ok(ServerConfig {
         origin: Origin::Flags,

@@ -51,6 +51,11 @@ enum Command {
     /// Create a plugin project in Rust, Python, JavaScript or C that builds
     /// (with its build.sh) and passes `check` as it is.
     New(NewArgs),
+    /// Roll a candidate plugin out on a running server's listener, gated
+    /// on its failures, latency and (shadow) differing replies: start,
+    /// status, promote, abort.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// Replay a recording (serve --record) into a plugin, in process and
     /// without sockets, and compare its replies with the recorded ones;
     /// exit status 1 when more than --max-diff differ.
@@ -273,6 +278,74 @@ struct ReloadArgs {
     control: Option<PathBuf>,
 }
 
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// Run a candidate beside a listener's stable version; the gates
+    /// promote it or roll it back.
+    Start(RolloutStartArgs),
+    /// Show each rollout's mode, step, weight and gate figures (the last
+    /// one, once it has ended).
+    Status(RolloutTarget),
+    /// Promote the candidate now, whatever its step.
+    Promote(RolloutTarget),
+    /// Send all traffic back to the stable version now.
+    Abort(RolloutTarget),
+}
+
+#[derive(Debug, Args)]
+struct RolloutStartArgs {
+    /// The listener to roll the candidate out on.
+    listener: String,
+    /// The candidate: a built-in's name or a .wasm component's path.
+    #[arg(long, value_name = "NAME|PATH")]
+    plugin: String,
+    /// canary: a share of the traffic, raised in steps; shadow: a copy of
+    /// every message, replies compared and never sent [default: canary].
+    #[arg(long)]
+    mode: Option<crate::rollout::Mode>,
+    /// The candidate's share at each step, in percent, rising to 100
+    /// [default: 10,25,50,100].
+    #[arg(long, value_delimiter = ',', value_name = "PERCENT,...")]
+    steps: Option<Vec<u8>>,
+    /// How long each step is watched before the gates judge it [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    interval: Option<String>,
+    /// Candidate calls an interval needs before it is judged [default: 100].
+    #[arg(long, value_name = "N")]
+    min_calls: Option<u64>,
+    /// The candidate's largest failure rate (traps, deadline and memory
+    /// kills per call) that passes, from 0 to 1 [default: 0.01].
+    #[arg(long, value_name = "RATE")]
+    max_failure_rate: Option<f64>,
+    /// The largest candidate call-time p99 that passes, as a multiple of the
+    /// stable version's [default: 2].
+    #[arg(long, value_name = "RATIO")]
+    max_p99_ratio: Option<f64>,
+    /// Shadow mode: the largest share of differing replies that passes,
+    /// from 0 to 1 [default: 0.01].
+    #[arg(long, value_name = "RATE")]
+    max_diff_rate: Option<f64>,
+    /// Failed judgements in a row that roll the candidate back [default: 3].
+    #[arg(long, value_name = "N")]
+    failure_limit: Option<u32>,
+    /// A setting for the candidate's plugin (repeat it); without any, the
+    /// candidate gets the listener's own settings.
+    #[arg(long = "plugin-config", value_name = "KEY=VALUE", value_parser = parse_setting)]
+    plugin_config: Vec<(String, String)>,
+    /// The server's control socket [default: the one server running].
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct RolloutTarget {
+    /// The listener [status: default all of them].
+    listener: Option<String>,
+    /// The server's control socket [default: the one server running].
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 struct CheckArgs {
     /// A built-in's name or the path of a .wasm component.
@@ -344,6 +417,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Command::New(args) => new(args.lang, &args.name, args.dir.as_deref()),
             Command::Replay(args) => replay(args).await,
+            Command::Rollout(command) => rollout(command).await,
         }
     });
     // Dropping the runtime would wait for every task and blocking thread;
@@ -514,6 +588,80 @@ async fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
         _ => {
             for swap in response.swaps {
                 say(format_args!("{swap}\n"))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `wasm-echo rollout`: sends the request, prints each rollout's line.
+async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
+    let need = |listener: Option<String>| {
+        listener.ok_or_else(|| {
+            anyhow::anyhow!("name the listener: wasm-echo rollout promote|abort LISTENER")
+        })
+    };
+    let (control, request) = match command {
+        RolloutCommand::Start(args) => {
+            // A path is the caller's: resolved here, where it was typed.
+            let candidate = match PluginSource::parse(&args.plugin)? {
+                PluginSource::File(file) => std::path::absolute(&file)
+                    .with_context(|| format!("resolving {}", file.display()))?
+                    .to_string_lossy()
+                    .into_owned(),
+                PluginSource::Builtin(name) => name.to_owned(),
+            };
+            let plan = crate::rollout::RawRollout {
+                candidate,
+                mode: args.mode,
+                steps: args.steps,
+                interval: args.interval,
+                min_calls: args.min_calls,
+                max_failure_rate: args.max_failure_rate,
+                max_p99_ratio: args.max_p99_ratio,
+                max_diff_rate: args.max_diff_rate,
+                failure_limit: args.failure_limit,
+                plugin_config: (!args.plugin_config.is_empty())
+                    .then(|| args.plugin_config.into_iter().collect()),
+            };
+            let request = control::Request::RolloutStart {
+                listener: args.listener,
+                plan,
+            };
+            (args.control, request)
+        }
+        RolloutCommand::Status(target) => (
+            target.control,
+            control::Request::RolloutStatus {
+                listener: target.listener,
+            },
+        ),
+        RolloutCommand::Promote(target) => (
+            target.control,
+            control::Request::RolloutPromote {
+                listener: need(target.listener)?,
+            },
+        ),
+        RolloutCommand::Abort(target) => (
+            target.control,
+            control::Request::RolloutAbort {
+                listener: need(target.listener)?,
+            },
+        ),
+    };
+    let path = match control {
+        Some(path) => path,
+        None => control::find()?,
+    };
+    let response = control::send(&path, &request).await?;
+    match response.error {
+        Some(error) if !response.ok => anyhow::bail!("rollout: {error}"),
+        _ => {
+            if response.rollouts.is_empty() {
+                say("no rollout has run\n")?;
+            }
+            for rollout in response.rollouts {
+                say(format_args!("{rollout}\n"))?;
             }
             Ok(ExitCode::SUCCESS)
         }

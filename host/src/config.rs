@@ -90,6 +90,8 @@ pub struct ListenerConfig {
     /// Bind with `SO_REUSEPORT`, so that several processes can share the
     /// port (`reuse-port`).
     pub reuse_port: bool,
+    /// A rollout started with the server (`[listeners.NAME.rollout]`).
+    pub rollout: Option<crate::rollout::Plan>,
 }
 
 /// A TCP listener behind a load balancer that speaks the PROXY protocol
@@ -282,6 +284,7 @@ pub struct RawListener {
     pub proxy_protocol: Option<bool>,
     pub proxy_from: Option<Vec<String>>,
     pub reuse_port: Option<bool>,
+    pub rollout: Option<crate::rollout::RawRollout>,
 }
 
 /// The default grace period for open connections.
@@ -681,7 +684,15 @@ impl RawListener {
         };
         let record = self.resolve_record(origin, &name)?;
         let proxy = self.resolve_proxy(origin, &name)?;
+        let rollout = match self.rollout {
+            None => None,
+            Some(raw) => Some(
+                raw.resolve(&origin.base())
+                    .map_err(|(key, reason)| error(&format!("rollout.{key}"), reason))?,
+            ),
+        };
         Ok(ListenerConfig {
+            rollout,
             proxy,
             reuse_port: self.reuse_port.unwrap_or(false),
             record,

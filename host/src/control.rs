@@ -10,7 +10,9 @@
 //! looks in that folder ([`find`]): one live server there is the one meant;
 //! with several, it names them all and asks which.
 //!
-//! What a reload does is [`crate::reload`]'s business.
+//! It also carries `wasm-echo rollout start|status|promote|abort`; what a
+//! reload and a rollout do is [`crate::reload`]'s and [`crate::rollout`]'s
+//! business.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -38,6 +40,29 @@ pub enum Request {
         /// listener's own.
         plugin: Option<String>,
     },
+    /// Start a rollout of a candidate on one listener.
+    RolloutStart {
+        /// The listener.
+        listener: String,
+        /// The candidate (a built-in's name or an absolute path) and the
+        /// settings, as a `[listeners.NAME.rollout]` table gives them.
+        plan: crate::rollout::RawRollout,
+    },
+    /// Report one listener's rollout, or every listener's.
+    RolloutStatus {
+        /// The listener, or all of them.
+        listener: Option<String>,
+    },
+    /// Promote a listener's candidate now, whatever its step.
+    RolloutPromote {
+        /// The listener.
+        listener: String,
+    },
+    /// Send all of a listener's traffic back to its stable version.
+    RolloutAbort {
+        /// The listener.
+        listener: String,
+    },
 }
 
 /// The server's answer.
@@ -48,6 +73,9 @@ pub struct Response {
     /// What each listener's reload did.
     #[serde(default)]
     pub swaps: Vec<Swap>,
+    /// The rollouts a `rollout` request concerned, as they stand.
+    #[serde(default)]
+    pub rollouts: Vec<crate::rollout::Report>,
     /// Why not, when `ok` is false.
     pub error: Option<String>,
 }
@@ -222,7 +250,7 @@ impl Drop for ControlSocket {
     }
 }
 
-async fn answer(stream: UnixStream, reloader: &Reloader) -> anyhow::Result<()> {
+async fn answer(stream: UnixStream, reloader: &Arc<Reloader>) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST));
@@ -230,38 +258,18 @@ async fn answer(stream: UnixStream, reloader: &Reloader) -> anyhow::Result<()> {
         .await
         .context("no request within 5s")?
         .context("reading the request")?;
-    let request = serde_json::from_str::<Request>(&line)
-        .map_err(|error| format!("bad request: {error}"))
-        .and_then(|Request::Reload { listener, plugin }| {
-            let plugin = plugin
-                .as_deref()
-                .map(PluginSource::parse)
-                .transpose()
-                .map_err(|error| error.to_string())?;
-            Ok((listener, plugin))
-        });
-    let response = match request {
-        Ok((listener, plugin)) => match reloader.reload(listener.as_deref(), plugin.as_ref()).await
-        {
-            Ok(swaps) => Response {
+    let response = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Reload { listener, plugin }) => reload(reloader, listener, plugin).await,
+        Ok(rollout) => match crate::rollout::answer(reloader, rollout).await {
+            Ok(rollouts) => Response {
                 ok: true,
-                swaps,
+                swaps: Vec::new(),
+                rollouts,
                 error: None,
             },
-            Err(error) => {
-                tracing::warn!("reload failed, nothing changed: {error}");
-                Response {
-                    ok: false,
-                    swaps: Vec::new(),
-                    error: Some(error.to_string()),
-                }
-            }
+            Err(error) => failed(error.to_string()),
         },
-        Err(error) => Response {
-            ok: false,
-            swaps: Vec::new(),
-            error: Some(error),
-        },
+        Err(error) => failed(format!("bad request: {error}")),
     };
     let mut text = serde_json::to_string(&response)?;
     text.push('\n');
@@ -270,6 +278,35 @@ async fn answer(stream: UnixStream, reloader: &Reloader) -> anyhow::Result<()> {
         .context("the client did not read the answer within 5s")?
         .context("writing the answer")?;
     Ok(())
+}
+
+/// A refusal.
+fn failed(error: String) -> Response {
+    Response {
+        ok: false,
+        swaps: Vec::new(),
+        rollouts: Vec::new(),
+        error: Some(error),
+    }
+}
+
+async fn reload(reloader: &Reloader, listener: Option<String>, plugin: Option<String>) -> Response {
+    let plugin = match plugin.as_deref().map(PluginSource::parse).transpose() {
+        Ok(plugin) => plugin,
+        Err(error) => return failed(error.to_string()),
+    };
+    match reloader.reload(listener.as_deref(), plugin.as_ref()).await {
+        Ok(swaps) => Response {
+            ok: true,
+            swaps,
+            rollouts: Vec::new(),
+            error: None,
+        },
+        Err(error) => {
+            tracing::warn!("reload failed, nothing changed: {error}");
+            failed(error.to_string())
+        }
+    }
 }
 
 /// Sends `request` to the server at `path` and returns its answer.

@@ -32,6 +32,7 @@ pub mod plugin;
 pub mod recording;
 pub mod reload;
 pub mod replay;
+pub mod rollout;
 pub mod scaffold;
 pub mod server;
 pub mod status;

@@ -49,7 +49,7 @@ use tokio::net::TcpListener;
 
 mod versions;
 
-pub use versions::{FailureKind, PluginSeries, VersionSeries};
+pub use versions::{CallTally, FailureKind, PluginSeries, VersionSeries};
 
 /// How a reload of one listener ended, as `wasm_echo_reloads_total`'s
 /// `result` label says.
@@ -67,7 +67,7 @@ pub enum ReloadOutcome {
 
 /// Histogram buckets for plugin calls and instantiations, in seconds: from
 /// a microsecond to the longest deadline.
-const BUCKETS: &[f64] = &[
+pub const BUCKETS: &[f64] = &[
     1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
     5e-2, 0.1, 0.25, 0.5, 1.0, 5.0, 60.0,
 ];

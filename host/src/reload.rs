@@ -67,6 +67,9 @@ pub enum ReloadError {
     /// The listener runs native code, which cannot be reloaded.
     #[error("listener `{0}` runs no plugin")]
     Native(String),
+    /// A rollout decides the listener's version until it ends.
+    #[error("listener `{0}` has a rollout running; promote or abort it first (wasm-echo rollout)")]
+    RollingOut(String),
 }
 
 /// One listener's reload, as logs and `wasm-echo reload` report it.
@@ -212,6 +215,90 @@ impl Reloader {
         result
     }
 
+    /// The tenants it reloads.
+    pub fn tenants(&self) -> &[Arc<Tenant>] {
+        &self.tenants
+    }
+
+    /// The tenant named `name`.
+    ///
+    /// # Errors
+    ///
+    /// [`ReloadError::UnknownListener`], naming the ones there are.
+    pub fn tenant(&self, name: &str) -> Result<&Arc<Tenant>, ReloadError> {
+        self.tenants
+            .iter()
+            .find(|tenant| tenant.name() == name)
+            .ok_or_else(|| ReloadError::UnknownListener {
+                name: name.to_owned(),
+                known: self
+                    .tenants
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// Compiles `source` for `tenant` off the serving path, as a reload
+    /// does (a rollout's candidate).
+    ///
+    /// # Errors
+    ///
+    /// [`ReloadError::Load`] or [`ReloadError::Compilation`].
+    pub async fn load(
+        &self,
+        tenant: &Tenant,
+        source: &PluginSource,
+    ) -> Result<Arc<crate::plugin::Plugin>, ReloadError> {
+        if let PluginSource::File(path) = source
+            && path.is_relative()
+        {
+            return Err(ReloadError::RelativePath(path.clone()));
+        }
+        let runtime = self.runtime.clone();
+        let source = source.clone();
+        match tokio::task::spawn_blocking(move || runtime.load(&source)).await {
+            Ok(Ok(plugin)) => Ok(Arc::new(plugin)),
+            Ok(Err(error)) => Err(ReloadError::Load {
+                listener: tenant.name().to_owned(),
+                error,
+            }),
+            Err(join) => Err(ReloadError::Compilation {
+                listener: tenant.name().to_owned(),
+                error: join,
+            }),
+        }
+    }
+
+    /// Makes a rollout's `candidate` the version `tenant` serves, with the
+    /// swap a reload makes (serialised with reloads, counted and logged as
+    /// one).
+    pub async fn promote(&self, tenant: &Tenant, candidate: Arc<crate::tenant::Version>) -> Swap {
+        let _busy = self.busy.lock().await;
+        let previous = tenant.version_label();
+        let still = tenant.current().map_or(0, |plugin| plugin.instances());
+        let migrations = tenant.promote(candidate).await;
+        let live = tenant.current();
+        let swap = Swap {
+            listener: tenant.name().to_owned(),
+            previous: previous.to_string(),
+            current: tenant.version_label().to_string(),
+            loaded_at: live.map_or_else(String::new, |plugin| {
+                humantime::format_rfc3339_millis(plugin.loaded_at()).to_string()
+            }),
+            still_on_previous: still,
+            migrated: migrations.migrated,
+            fresh: migrations.fresh,
+            kept: migrations.kept,
+            swapped: true,
+            watching: None,
+        };
+        tenant.metrics().reloaded(ReloadOutcome::Swapped);
+        tracing::info!(listener = tenant.name(), "promoted: {swap}");
+        swap
+    }
+
     async fn try_reload(
         &self,
         listener: Option<&str>,
@@ -243,6 +330,9 @@ impl Reloader {
             return Err(ReloadError::RelativePath(path.clone()));
         }
 
+        if let Some(busy) = tenants.iter().find(|tenant| tenant.rollout().is_some()) {
+            return Err(ReloadError::RollingOut(busy.name().to_owned()));
+        }
         let mut ready = Vec::new();
         for tenant in tenants {
             let current = tenant

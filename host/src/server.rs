@@ -313,6 +313,21 @@ impl Server {
                 }
             });
         }
+        // Rollouts in the configuration start with the server; one whose
+        // candidate fails changes nothing, and the others go on.
+        if let Some(reloader) = &reloader {
+            for tenant in &self.tenants {
+                let Some(plan) = tenant.rollout_plan().cloned() else {
+                    continue;
+                };
+                let (reloader, name) = (reloader.clone(), tenant.name().to_owned());
+                tasks.spawn(async move {
+                    if let Err(error) = crate::rollout::start(&reloader, &name, plan).await {
+                        tracing::error!(listener = name, "rollout not started: {error}");
+                    }
+                });
+            }
+        }
         if let (Some(reloader), Some(control)) = (&reloader, self.control) {
             tracing::info!("control socket {}", control.path().display());
             tasks.spawn(control.serve(reloader.clone(), stop.child_token()));

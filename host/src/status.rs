@@ -1,7 +1,8 @@
 //! `wasm-echo status`: a one-screen summary of a running server, read from
 //! its `/metrics` twice, an interval apart, so that rates can be shown next
 //! to totals. It reads the same series an operator's Prometheus does, so
-//! what it shows is what the dashboards show.
+//! what it shows is what the dashboards show. A listener with a rollout
+//! running gets a line of its own under the table.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -167,5 +168,57 @@ fn render(before: &Scrape, after: &Scrape, interval: Duration) -> String {
             ),
         );
     }
+    render_rollouts(after, &mut out);
     out
+}
+
+/// A line per running rollout: its mode, step, weight, the last
+/// judgement's gate figures and, in shadow mode, the comparisons.
+fn render_rollouts(after: &Scrape, out: &mut String) {
+    let states = per_listener(after, "wasm_echo_rollout_state", None);
+    let gate = |name: &str| per_listener(after, "wasm_echo_rollout_gate", Some(("gate", name)));
+    let (failure_rate, p99_ratio, diff_rate) =
+        (gate("failure-rate"), gate("p99-ratio"), gate("diff-rate"));
+    let weight = per_listener(after, "wasm_echo_rollout_weight", None);
+    let step = per_listener(after, "wasm_echo_rollout_step", None);
+    let same = per_listener(
+        after,
+        "wasm_echo_shadow_comparisons_total",
+        Some(("result", "same")),
+    );
+    let different = per_listener(
+        after,
+        "wasm_echo_shadow_comparisons_total",
+        Some(("result", "different")),
+    );
+    let get =
+        |map: &BTreeMap<String, f64>, listener: &str| map.get(listener).copied().unwrap_or(0.0);
+    for (listener, state) in states {
+        // 0 none, 1 canary, 2 shadow.
+        let mode = if state > 1.5 {
+            "shadow"
+        } else if state > 0.5 {
+            "canary"
+        } else {
+            continue;
+        };
+        let _ = write!(
+            out,
+            "rollout {listener}: {mode}, step {}, weight {}%, failure rate {:.2}%, p99 ratio {:.2}",
+            get(&step, &listener),
+            get(&weight, &listener),
+            get(&failure_rate, &listener) * 100.0,
+            get(&p99_ratio, &listener),
+        );
+        if mode == "shadow" {
+            let _ = write!(
+                out,
+                ", replies differing {:.2}% (same {}, different {})",
+                get(&diff_rate, &listener) * 100.0,
+                get(&same, &listener),
+                get(&different, &listener)
+            );
+        }
+        out.push('\n');
+    }
 }

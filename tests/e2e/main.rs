@@ -45,6 +45,8 @@ mod renewal;
 mod replay;
 /// One configuration path for flags and files; one control socket a server.
 mod resolution;
+/// Safe rollout: canary and shadow, gated promotion and rollback.
+mod rollout;
 /// Bounds that hold whatever the guest does: blocked calls, piled-up
 /// handles, files that are not plugins, and the host's own warnings.
 mod sandbox;

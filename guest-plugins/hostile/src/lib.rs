@@ -6,6 +6,9 @@
 //! - `bloat`: allocates until the memory cap stops it;
 //! - `recurse`: recurses until the wasm stack is exhausted;
 //! - `panic`: panics;
+//! - `panic-one-in`: echoes, but panics on every `one-in`th message
+//!   (default 10) an instance handles: a host that replaces a trapped
+//!   instance sees one message in `one-in` fail;
 //! - `huge-reply`: answers with 8 MiB (max-reply refuses it);
 //! - `huge-greeting`: greets each TCP connection with 8 MiB in `on-open`
 //!   (when max-reply allows it), then echoes;
@@ -49,6 +52,11 @@ use bindings::wasm_echo::plugin::types::{Connection, Decision, Endpoint, Next};
 
 struct Hostile;
 
+thread_local! {
+    /// Messages this instance has handled, for `panic-one-in`.
+    static HANDLED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 fn reply(bytes: Vec<u8>) -> Decision {
     Decision {
         reply: Some(bytes),
@@ -70,6 +78,14 @@ fn misbehave(data: Vec<u8>) -> Decision {
         }
         "recurse" => reply(vec![recurse(data.len() as u64 + 1) as u8]),
         "panic" => panic!("hostile plugin panics on purpose"),
+        "panic-one-in" => {
+            let handled = HANDLED.get() + 1;
+            HANDLED.set(handled);
+            if handled.is_multiple_of(setting("one-in", 10).max(1)) {
+                panic!("hostile plugin panics on message {handled} on purpose");
+            }
+            reply(data)
+        }
         "huge-reply" => reply(vec![b'!'; 8 << 20]),
         "huge-greeting" => reply(data),
         "snoop" => reply(snoop().into_bytes()),

@@ -15,6 +15,12 @@
 //! write timeout (it sends but does not read); neither a silent peer nor a
 //! deaf one holds its slot and its instance for longer.
 //!
+//! During a rollout ([`crate::rollout`]) a canary sends the new
+//! connections its hash picks to the candidate; in shadow mode a new
+//! connection's messages are copied, after each stable reply, to a
+//! candidate instance of its own on another task. A connection on a
+//! rolled-back candidate moves to the stable version at its next message.
+//!
 //! Stopping: when the plugin asks (`stop-listener`) or the server shuts
 //! down, the listener stops accepting at once; open connections may finish
 //! their exchange for a grace period (cut short by a second signal), then
@@ -37,6 +43,7 @@ use crate::framing::{FrameError, Framed, MessageReader};
 use crate::metrics::{CloseReason, NoReply};
 use crate::plugin::{CallError, Connection, Decision, Next, endpoint};
 use crate::recording::{Event, Outcome, Record, Recorder};
+use crate::rollout::{Mode, ShadowFeed};
 use crate::tenant::{Open, Session, Tenant};
 
 /// The most of a connection's stream read (and handed to the plugin as one
@@ -266,7 +273,7 @@ impl ConnectionTask {
             }
         }
         let peer = self.peer;
-        let mut session = match tenant.session(tenant.upgrade_connections()).await {
+        let mut session = match tenant.session_for(peer, tenant.upgrade_connections()).await {
             Ok(session) => session,
             Err(error) => {
                 tenant.record_failure();
@@ -365,6 +372,13 @@ impl ConnectionTask {
         if let Some(end) = self.carry_out(session, decision, None).await {
             return end;
         }
+        // Only a connection on the stable version is shadowed: one a
+        // canary gave the candidate has no stable reply to compare with.
+        let shadow = self
+            .tenant
+            .rollout()
+            .filter(|rollout| rollout.mode() == Mode::Shadow && !session.runs(rollout.candidate()))
+            .map(|rollout| rollout.tcp_shadow(&self.tenant, conn.clone(), self.peer));
         let mut reader = MessageReader::new(self.tenant.framing(), self.tenant.max_message());
         let mut want = FIRST_READ;
         let mut buf = std::mem::take(&mut self.early);
@@ -389,7 +403,16 @@ impl ConnectionTask {
                     if upgrading && let Some(end) = self.upgrade(session, &conn).await {
                         return end;
                     }
-                    if let Some(end) = self.deliver(session, message).await {
+                    if session.on_retired() {
+                        let open = Open {
+                            conn: &conn,
+                            peer: self.peer,
+                        };
+                        if !self.tenant.leave_candidate(session, Some(open)).await {
+                            return End::Failed(Failure::Migration);
+                        }
+                    }
+                    if let Some(end) = self.deliver(session, message, shadow.as_ref()).await {
                         return end;
                     }
                     continue;
@@ -459,7 +482,12 @@ impl ConnectionTask {
 
     /// Hands one message to the plugin, within the peer's rate limit, and
     /// carries out the decision. Says whether the connection ends here.
-    async fn deliver(&mut self, session: &mut Session, message: Bytes) -> Option<End> {
+    async fn deliver(
+        &mut self,
+        session: &mut Session,
+        message: Bytes,
+        shadow: Option<&ShadowFeed>,
+    ) -> Option<End> {
         tokio::select! {
             () = &mut self.hard_stop => return Some(End::Shutdown),
             () = self.tenant.pace(self.peer.ip()) => {}
@@ -474,7 +502,14 @@ impl ConnectionTask {
             conn,
         });
         match called {
-            Ok(decision) => self.carry_out(session, decision, Some(&message)).await,
+            Ok(decision) => {
+                // The copy is queued, not run: the candidate's call is
+                // another task's, and never delays this reply.
+                if let Some(feed) = shadow {
+                    feed.offer(None, &message, decision.reply.as_deref());
+                }
+                self.carry_out(session, decision, Some(&message)).await
+            }
             Err(error) => self.fail(session, &message, error).await,
         }
     }

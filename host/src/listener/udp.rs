@@ -12,6 +12,12 @@
 //! instance is dropped and a later datagram gets a fresh one, after a
 //! backoff if failures repeat.
 //!
+//! During a rollout ([`crate::rollout`]) a canary's candidate gets a
+//! session of its own beside the stable one, and the peers its hash picks;
+//! in shadow mode each datagram answered by the stable version is copied to
+//! the candidate's worker, off this thread. Once the rollout ends, the
+//! candidate's session goes and every datagram is the stable session's.
+//!
 //! Replies wait at most the tenant's write timeout for room on the socket;
 //! then they are dropped and counted, so a socket that stays full never
 //! holds the listener (or a shutdown) up.
@@ -28,6 +34,7 @@ use super::datagrams::{Inbox, Outbox};
 use crate::metrics::NoReply;
 use crate::plugin::Next;
 use crate::recording::{Event, Outcome, Record};
+use crate::rollout::{Mode, Rollout, ShadowFeed};
 use crate::tenant::{Session, Tenant};
 
 /// The largest payload a UDP datagram can carry over IPv4.
@@ -117,6 +124,8 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
     let mut outbox = Outbox::default();
     let mut unsent = SendFailures::default();
     let mut session: Option<Session> = None;
+    // A canary's candidate session, while a rollout runs.
+    let mut candidate: Option<Session> = None;
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     let mut swaps = tenant.swaps();
     // Made once: a fresh `cancelled()` per batch would register and
@@ -167,7 +176,7 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
             // never polls `cancelled`, which would take a lock.
             let next = tokio::select! {
                 biased;
-                next = handle(&tenant, &mut session, &mut outbox, peer, data) => next,
+                next = route(&tenant, &mut session, &mut candidate, &mut outbox, peer, data) => next,
                 () = &mut cancelled => {
                     stopped = true;
                     break;
@@ -255,20 +264,65 @@ async fn flush(
         .await;
 }
 
-/// Runs one datagram through the plugin and sends the reply. Returns what
-/// the plugin wants next, or `None` when the message failed.
+/// Runs one datagram through the session it belongs to: the stable one,
+/// or a running canary's candidate when its hash picks `peer`; in shadow
+/// mode the stable one, with a copy to the candidate.
+async fn route(
+    tenant: &Arc<Tenant>,
+    session: &mut Option<Session>,
+    candidate: &mut Option<Session>,
+    outbox: &mut Outbox,
+    peer: SocketAddr,
+    data: &[u8],
+) -> Option<Next> {
+    // Without a rollout this is one atomic load; the guard is not held
+    // across the call.
+    let rollout = tenant.rollout_now().as_ref().cloned();
+    let Some(rollout) = rollout else {
+        // A rollout ended: its candidate's instance goes (after a
+        // promotion the stable session moves to the candidate's version).
+        if candidate.is_some() {
+            *candidate = None;
+        }
+        return handle(tenant, session, outbox, peer, data, None, None).await;
+    };
+    match rollout.mode() {
+        Mode::Canary if rollout.picks(peer) => {
+            if candidate
+                .as_ref()
+                .is_some_and(|live| !live.runs(rollout.candidate()))
+            {
+                *candidate = None;
+            }
+            handle(tenant, candidate, outbox, peer, data, Some(&rollout), None).await
+        }
+        Mode::Canary => handle(tenant, session, outbox, peer, data, None, None).await,
+        Mode::Shadow => {
+            let feed = rollout.udp_shadow(tenant);
+            handle(tenant, session, outbox, peer, data, None, Some(feed)).await
+        }
+    }
+}
+
+/// Runs one datagram through the plugin and sends the reply: `session` is
+/// the stable one, or `on_candidate`'s when that is `Some`; `shadow` gets
+/// a copy of the datagram and the stable reply. Returns what the plugin
+/// wants next, or `None` when the message failed.
 async fn handle(
     tenant: &Tenant,
     session: &mut Option<Session>,
     outbox: &mut Outbox,
     peer: SocketAddr,
     data: &[u8],
+    on_candidate: Option<&Rollout>,
+    shadow: Option<&ShadowFeed>,
 ) -> Option<Next> {
     // After a reload, the next datagram is the new version's (the session
     // has mostly moved already, when the swap was announced).
-    if session
-        .as_ref()
-        .is_some_and(|live| !tenant.is_current(live))
+    if on_candidate.is_none()
+        && session
+            .as_ref()
+            .is_some_and(|live| !tenant.is_current(live))
     {
         upgrade(tenant, session).await;
     }
@@ -289,7 +343,10 @@ async fn handle(
             );
             return None;
         }
-        None => match tenant.session(true).await {
+        None => match match on_candidate {
+            Some(rollout) => tenant.candidate_session(rollout).await,
+            None => tenant.session(true).await,
+        } {
             Ok(fresh) => session.insert(fresh),
             Err(error) => {
                 if let Some(recorder) = recorder {
@@ -354,7 +411,12 @@ async fn handle(
             );
             return None;
         }
+        if let Some(feed) = shadow {
+            feed.offer(Some(peer), data, Some(&reply));
+        }
         outbox.push(peer, reply);
+    } else if let Some(feed) = shadow {
+        feed.offer(Some(peer), data, None);
     }
     Some(decision.next)
 }

@@ -174,6 +174,9 @@ struct Live {
     info: Option<String>,
     /// Whether it is the version new sessions get.
     current: AtomicBool,
+    /// Whether a rollout judges it: its calls are timed then even without
+    /// an endpoint, since the gates read them.
+    watched: AtomicBool,
     instances: AtomicI64,
     failures: [AtomicU64; FailureKind::ALL.len()],
     calls: Timings,
@@ -243,6 +246,7 @@ impl PluginSeries {
                 )
             }),
             current: AtomicBool::new(false),
+            watched: AtomicBool::new(false),
             instances: AtomicI64::new(0),
             failures: Default::default(),
             calls: Timings::default(),
@@ -257,6 +261,31 @@ impl PluginSeries {
         VersionSeries {
             live,
             book: self.book.clone(),
+        }
+    }
+}
+
+/// A version's calls, failures and call-time buckets at one moment, for a
+/// rollout's gates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallTally {
+    /// Calls timed so far.
+    pub calls: u64,
+    /// Traps, deadline and memory kills so far.
+    pub failures: u64,
+    /// Calls per bucket of [`BUCKETS`] (not cumulative); calls slower than
+    /// the last bound are only in `calls`.
+    pub buckets: [u64; BUCKETS.len()],
+}
+
+impl CallTally {
+    /// What happened between `earlier` and this one.
+    #[must_use]
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            calls: self.calls.saturating_sub(earlier.calls),
+            failures: self.failures.saturating_sub(earlier.failures),
+            buckets: std::array::from_fn(|i| self.buckets[i].saturating_sub(earlier.buckets[i])),
         }
     }
 }
@@ -276,9 +305,36 @@ impl VersionSeries {
         self.live.current.store(current, Ordering::Relaxed);
     }
 
+    /// Times its calls whether or not an endpoint serves metrics: a
+    /// rollout's gates read them (see [`VersionSeries::tally`]).
+    pub fn watch(&self, watched: bool) {
+        self.live.watched.store(watched, Ordering::Relaxed);
+    }
+
+    /// What a rollout's gates read now: calls so far, failures that mean
+    /// the code is unfit (traps, deadline and memory kills; a refused reply
+    /// is the tenant's bound, not a crash), and the calls' time buckets
+    /// over [`BUCKETS`]. The gates judge the difference between two of these.
+    pub fn tally(&self) -> CallTally {
+        let calls = self.live.calls.snapshot();
+        let failures = [
+            FailureKind::Trap,
+            FailureKind::Deadline,
+            FailureKind::Memory,
+        ]
+        .iter()
+        .map(|kind| self.live.failures[*kind as usize].load(Ordering::Relaxed))
+        .sum();
+        CallTally {
+            calls: calls.count,
+            failures,
+            buckets: calls.buckets,
+        }
+    }
+
     /// A plugin call took `elapsed`.
     pub fn call(&self, elapsed: Duration) {
-        if recording() {
+        if recording() || self.live.watched.load(Ordering::Relaxed) {
             self.live.calls.record(elapsed);
         }
     }

@@ -121,6 +121,7 @@ impl fmt::Display for Failure {
 }
 
 /// A TCP connection being moved: what a fresh instance's `on-open` is told.
+#[derive(Clone, Copy)]
 pub struct Open<'a> {
     /// The connection, as `on-open` first saw it.
     pub conn: &'a Connection,
@@ -147,6 +148,23 @@ impl Tenant {
         target.tally().add(outcome);
         self.metrics.migrated(outcome);
         (Some(outcome), alive)
+    }
+
+    /// Moves `session` off a rolled-back candidate to the current version:
+    /// with its state if both offer it, or else afresh (a candidate that
+    /// failed its gates is not kept running for a conversation's sake).
+    /// Says whether the session can go on.
+    pub async fn leave_candidate(&self, session: &mut Session, open: Option<Open<'_>>) -> bool {
+        let target = self.handler.current();
+        let (outcome, alive) = self.hand_over(session, &target, open).await;
+        match outcome {
+            MigrationOutcome::Skipped | MigrationOutcome::Kept if alive => {
+                self.replace(session, &target, open, MigrationOutcome::Reset)
+                    .await
+                    .1
+            }
+            _ => alive,
+        }
     }
 
     async fn hand_over(

@@ -11,7 +11,9 @@
 //! - [`session`]: a conversation on one version (an instance per TCP
 //!   connection, one per UDP listener while it behaves);
 //! - [`migration`]: moving a session to a new version with its state;
-//! - [`native`]: handlers in Rust in place of a plugin, for the benchmark.
+//! - [`native`]: handlers in Rust in place of a plugin, for the benchmark;
+//! - a running [`Rollout`](crate::rollout::Rollout), if any: which
+//!   conversations its candidate gets.
 //!
 //! Reading sockets is the listeners' business; loading plugins is the
 //! runtime's.
@@ -43,7 +45,10 @@ pub use migration::{MigrationFailurePolicy, MigrationOutcome, Open};
 pub use native::{NativeEcho, NativeHandler};
 use reply::ReplyPolicy;
 pub use session::Session;
-use version::{Code, Handler, Version};
+pub use version::Version;
+use version::{Code, Handler};
+
+use crate::rollout::Rollout;
 
 /// One listener's run-time state.
 pub struct Tenant {
@@ -63,6 +68,11 @@ pub struct Tenant {
     /// Changes at every swap, so that sessions waiting between messages
     /// move to the new version at once (see [`migration`]).
     swaps: tokio::sync::watch::Sender<()>,
+    /// The rollout running, if any: read for every new connection and
+    /// every datagram (an atomic load when there is none).
+    rollout: arc_swap::ArcSwapOption<Rollout>,
+    /// The last rollout started, running or finished, for `rollout status`.
+    last_rollout: arc_swap::ArcSwapOption<Rollout>,
 }
 
 /// How the moves after one swap ended, as far as the swap waited.
@@ -142,6 +152,8 @@ impl Tenant {
             config,
             recorder: None,
             swaps: tokio::sync::watch::Sender::new(()),
+            rollout: arc_swap::ArcSwapOption::empty(),
+            last_rollout: arc_swap::ArcSwapOption::empty(),
         }
     }
 
@@ -267,6 +279,22 @@ impl Tenant {
         let Some((previous, next)) = self.handler.swap(plugin, &self.metrics) else {
             return Migrations::default();
         };
+        self.settle(previous, next).await
+    }
+
+    /// Makes a rollout's candidate the version every new session gets, as
+    /// [`Tenant::swap`] does a reloaded plugin: the same swap, the same
+    /// moves, the same wait.
+    pub(crate) async fn promote(&self, candidate: Arc<Version>) -> Migrations {
+        let Some((previous, next)) = self.handler.install(candidate) else {
+            return Migrations::default();
+        };
+        self.settle(previous, next).await
+    }
+
+    /// Announces a swap from `previous` to `next` and waits for the
+    /// sessions that move to have moved (see [`Tenant::swap`]).
+    async fn settle(&self, previous: Arc<Version>, next: Arc<Version>) -> Migrations {
         self.swaps.send_replace(());
         let settle = tokio::time::Instant::now() + self.settle_time();
         loop {
@@ -315,10 +343,20 @@ impl Tenant {
     }
 
     async fn session_on(&self, version: Arc<Version>, movable: bool) -> Result<Session, CallError> {
+        self.session_with(version, self.settings.clone(), movable)
+            .await
+    }
+
+    async fn session_with(
+        &self,
+        version: Arc<Version>,
+        settings: Arc<InstanceSettings>,
+        movable: bool,
+    ) -> Result<Session, CallError> {
         match version.code() {
             Code::Wasm(plugin) => {
                 let started = Instant::now();
-                match Instance::new(plugin, self.settings.clone()).await {
+                match Instance::new(plugin, settings).await {
                     Ok(instance) => {
                         version.series().instantiated(started.elapsed());
                         Ok(Session::wasm(version, instance, movable))
@@ -334,6 +372,105 @@ impl Tenant {
                 Ok(Session::native(version, native))
             }
         }
+    }
+
+    // A rollout's candidate.
+
+    /// The rollout its configuration starts with the server, if any.
+    pub fn rollout_plan(&self) -> Option<&crate::rollout::Plan> {
+        self.config.rollout.as_ref()
+    }
+
+    /// The rollout running, if any.
+    pub fn rollout(&self) -> Option<Arc<Rollout>> {
+        self.rollout.load_full()
+    }
+
+    /// The rollout running, without touching its reference count: what
+    /// the UDP listener reads for every datagram.
+    pub fn rollout_now(&self) -> arc_swap::Guard<Option<Arc<Rollout>>> {
+        self.rollout.load()
+    }
+
+    /// The last rollout started, running or finished.
+    pub fn last_rollout(&self) -> Option<Arc<Rollout>> {
+        self.last_rollout.load_full()
+    }
+
+    /// Starts routing by `rollout`; false when another one runs.
+    pub(crate) fn begin_rollout(&self, rollout: Arc<Rollout>) -> bool {
+        let previous = self
+            .rollout
+            .compare_and_swap(&None::<Arc<Rollout>>, Some(rollout.clone()));
+        if previous.is_some() {
+            return false;
+        }
+        self.last_rollout.store(Some(rollout));
+        true
+    }
+
+    /// Stops routing by the running rollout.
+    pub(crate) fn end_rollout(&self) {
+        self.rollout.store(None);
+    }
+
+    /// The version a rollout started from (the current one).
+    pub(crate) fn stable_version(&self) -> Arc<Version> {
+        self.handler.current()
+    }
+
+    /// Times the current version's calls for a rollout's gates, or stops.
+    pub(crate) fn version_series_watch(&self, watched: bool) {
+        self.handler.current().series().watch(watched);
+    }
+
+    /// A candidate version of `plugin`, with its own series.
+    pub(crate) fn candidate_version(&self, plugin: Arc<Plugin>) -> Arc<Version> {
+        Arc::new(Version::candidate(plugin, &self.metrics))
+    }
+
+    /// What a candidate's instances start with: the tenant's limits and
+    /// log budget, and `config` as plugin settings when given.
+    pub(crate) fn candidate_settings(
+        &self,
+        config: Option<crate::plugin::PluginConfig>,
+    ) -> Arc<InstanceSettings> {
+        let mut settings = instance_settings(&self.config);
+        if let Some(config) = config {
+            settings.config = config;
+        }
+        Arc::new(settings)
+    }
+
+    /// A session on `rollout`'s candidate (never movable: a swap moves
+    /// nothing off it; a rollback does, see [`Tenant::leave_candidate`]).
+    ///
+    /// # Errors
+    ///
+    /// A [`CallError`] if the instance fails to start.
+    pub async fn candidate_session(&self, rollout: &Rollout) -> Result<Session, CallError> {
+        self.session_with(
+            rollout.candidate().clone(),
+            rollout.instance_settings().clone(),
+            false,
+        )
+        .await
+    }
+
+    /// A session for a new TCP connection from `peer`: on a canary's
+    /// candidate when the canary picks the peer, else as
+    /// [`Tenant::session`].
+    ///
+    /// # Errors
+    ///
+    /// A [`CallError`] if the instance fails to start.
+    pub async fn session_for(&self, peer: SocketAddr, movable: bool) -> Result<Session, CallError> {
+        if let Some(rollout) = &*self.rollout.load()
+            && rollout.picks(peer)
+        {
+            return self.candidate_session(rollout).await;
+        }
+        self.session(movable).await
     }
 
     // What may come in.

@@ -134,6 +134,17 @@ impl Session {
         &self.version
     }
 
+    /// Whether it runs `version`.
+    pub fn runs(&self, version: &Arc<Version>) -> bool {
+        Arc::ptr_eq(&self.version, version)
+    }
+
+    /// Whether it runs a rolled-back candidate, and must leave it (see
+    /// [`Tenant::leave_candidate`](super::Tenant::leave_candidate)).
+    pub fn on_retired(&self) -> bool {
+        self.version.is_retired()
+    }
+
     /// `name@digest` of the version this session runs, or `native`.
     pub fn version(&self) -> Arc<str> {
         self.version.label().clone()

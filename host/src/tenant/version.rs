@@ -10,7 +10,7 @@
 //! one is the session's.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 
 use arc_swap::ArcSwap;
 
@@ -38,20 +38,31 @@ pub struct Version {
     movable: AtomicIsize,
     /// How the moves to it ended.
     tally: Tally,
+    /// Set when a rollout rolls this candidate back: its sessions move to
+    /// the current version at their next message.
+    retired: AtomicBool,
 }
 
 impl Version {
     /// The version running `plugin`, current from now on.
     fn wasm(plugin: Arc<Plugin>, metrics: &ListenerMetrics) -> Self {
+        let version = Self::candidate(plugin, metrics);
+        version.series.set_current(true);
+        version
+    }
+
+    /// The version running `plugin` beside the current one, for a
+    /// rollout: not current until it is promoted.
+    pub(crate) fn candidate(plugin: Arc<Plugin>, metrics: &ListenerMetrics) -> Self {
         let label: Arc<str> = plugin.version().into();
         let series = metrics.version(&label, Some((plugin.name(), plugin.digest())));
-        series.set_current(true);
         Self {
             code: Code::Wasm(plugin),
             label,
             series,
             movable: AtomicIsize::new(0),
             tally: Tally::default(),
+            retired: AtomicBool::new(false),
         }
     }
 
@@ -66,7 +77,18 @@ impl Version {
             series,
             movable: AtomicIsize::new(0),
             tally: Tally::default(),
+            retired: AtomicBool::new(false),
         }
+    }
+
+    /// Marks a rolled-back candidate: its sessions leave it.
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether it is a rolled-back candidate.
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     /// What runs.
@@ -154,10 +176,16 @@ impl Handler {
         plugin: Arc<Plugin>,
         metrics: &ListenerMetrics,
     ) -> Option<(Arc<Version>, Arc<Version>)> {
+        self.install(Arc::new(Version::wasm(plugin, metrics)))
+    }
+
+    /// Makes `next` (a new version, or a promoted candidate) the version
+    /// every new session gets; as [`Handler::swap`].
+    pub fn install(&self, next: Arc<Version>) -> Option<(Arc<Version>, Arc<Version>)> {
         let Self::Wasm(current) = self else {
             return None;
         };
-        let next = Arc::new(Version::wasm(plugin, metrics));
+        next.series.set_current(true);
         let previous = current.swap(next.clone());
         previous.series.set_current(false);
         Some((previous, next))
