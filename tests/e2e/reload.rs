@@ -1,15 +1,14 @@
-use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::{
-    self, GREETING_TCP, GREETING_UDP, PATIENCE, Progress, Server, control_path, one_line_error,
-    plugins, scratch_file, send_signal, serving_after, tcp_ask, tcp_client, tcp_load, udp_ask,
-    udp_client, udp_load,
+    self, GREETING_TCP, GREETING_UDP, Progress, Server, control_path, one_line_error, plugins,
+    scratch_file, send_signal, serving_after, tcp_ask, tcp_client, tcp_load, udp_ask, udp_client,
+    udp_load,
 };
 
 fn reload(control: &Path, args: &[&str]) -> std::process::Output {

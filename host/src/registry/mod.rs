@@ -206,7 +206,9 @@ impl RegistryAccess {
     }
 
     /// The digest `reference`'s tag points to now, asked of the registry
-    /// (the cache is not consulted: this is how a tag move is seen).
+    /// (the cache is not consulted: this is how a tag move is seen). It
+    /// is remembered in the cache only once [`RegistryAccess::fetch`] has
+    /// kept everything it names.
     ///
     /// # Errors
     ///
@@ -217,9 +219,6 @@ impl RegistryAccess {
             .fetch_manifest_digest(&reference.to_client(), &self.auth(&reference.registry))
             .await
             .map_err(|error| registry_error(reference, error))?;
-        if let (Some(store), Some(tag)) = (&self.store, reference.tag()) {
-            let _ = store.set_tag(reference, tag, &digest);
-        }
         Ok(digest)
     }
 
@@ -294,6 +293,11 @@ impl RegistryAccess {
             .await?;
         let (bytes, layer_cached) = self.blob(reference, &pinned, layer, max_bytes).await?;
         from_cache &= config_cached && layer_cached;
+        // Remembered only once every blob it names is in the cache: a
+        // restart with the registry down needs all of them.
+        if let Some(tag) = reference.tag() {
+            let _ = store.set_tag(reference, tag, &digest);
+        }
         Ok(Fetched {
             digest,
             bytes,
@@ -316,7 +320,7 @@ impl RegistryAccess {
             digest: digest.clone(),
             limit: max_bytes,
         };
-        if usize::try_from(descriptor.size).map_or(true, |size| size > max_bytes) {
+        if !usize::try_from(descriptor.size).is_ok_and(|size| size <= max_bytes) {
             return Err(too_large());
         }
         if let Some(bytes) = self.store.as_ref().and_then(|store| store.get(digest)) {
