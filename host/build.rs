@@ -42,6 +42,8 @@ const SKIPPABLE: &[(&str, &str)] = &[
     ("nginx", "skip_nginx"),
     // Debian's prometheus (scripts/bootstrap.sh installs it).
     ("prometheus", "skip_prometheus"),
+    // Debian's docker-registry and htpasswd (scripts/install-debian.sh).
+    ("registry", "skip_registry"),
     // kubernetes-validate in target/venv (scripts/bootstrap.sh installs it).
     ("kubernetes", "skip_kubernetes"),
 ];

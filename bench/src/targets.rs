@@ -94,6 +94,8 @@ pub fn listener_config(plugin: &str, connections: usize) -> anyhow::Result<Serve
         proxy: None,
         reuse_port: false,
         rollout: None,
+        allow_tags: false,
+        tag_poll_interval: wasm_echo::config::DEFAULT_TAG_POLL_INTERVAL,
     };
     Ok(ServerConfig {
         origin: Origin::Flags,
@@ -102,6 +104,8 @@ pub fn listener_config(plugin: &str, connections: usize) -> anyhow::Result<Serve
         drain_delay: Duration::ZERO,
         max_plugin_size: wasm_echo::plugin::DEFAULT_MAX_PLUGIN_SIZE,
         cache_dir: None,
+        insecure_registries: Vec::new(),
+        registry_auth: None,
     })
 }
 

@@ -22,7 +22,7 @@ use crate::plugin::{
 /// Whatever keeps the plugin from serving: it does not load, or its
 /// start-up code fails within the default limits.
 pub async fn check(runtime: &Runtime, source: &PluginSource) -> anyhow::Result<String> {
-    let plugin = Arc::new(runtime.load(source)?);
+    let plugin = Arc::new(runtime.fetch_and_load(source).await?);
     let settings = InstanceSettings::with_defaults("check", PluginConfig::new(), Clocks::Real);
     Instance::new(&plugin, Arc::new(settings))
         .await
@@ -61,6 +61,16 @@ pub async fn check_config(path: &Path) -> anyhow::Result<String> {
     let config = ServerConfig::from_file(path)?;
     let mut runtime = Runtime::with_pool(config.pool_size())?;
     runtime.set_max_plugin_size(config.max_plugin_size);
+    let cache = match &config.cache_dir {
+        Some(dir) => Some(crate::cache::CacheDir::open(dir)?),
+        None => crate::cache::CacheDir::default_path()
+            .and_then(|dir| crate::cache::CacheDir::open(&dir).ok()),
+    };
+    runtime.set_registry(crate::registry::access(
+        &config.insecure_registries,
+        config.registry_auth.as_deref(),
+        cache.as_ref(),
+    )?);
     let mut loaded: HashMap<&PluginSource, Arc<Plugin>> = HashMap::new();
     let mut report = format!(
         "ok: {} holds {} listener(s)\n",
@@ -73,7 +83,8 @@ pub async fn check_config(path: &Path) -> anyhow::Result<String> {
             Some(plugin) => plugin.clone(),
             None => {
                 let plugin = runtime
-                    .load(&listener.plugin)
+                    .fetch_and_load(&listener.plugin)
+                    .await
                     .map_err(|error| config.origin.caused_by(name, "plugin", error))?;
                 loaded
                     .entry(&listener.plugin)

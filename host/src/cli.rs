@@ -60,6 +60,71 @@ enum Command {
     /// without sockets, and compare its replies with the recorded ones;
     /// exit status 1 when more than --max-diff differ.
     Replay(ReplayArgs),
+    /// Publish a component to an OCI registry (CNCF Wasm layout) under a
+    /// tag, and print the reference pinned to its digest.
+    Push(PushArgs),
+    /// Fetch a plugin from an OCI registry into the cache ahead of time,
+    /// verified, and print its digest and where it is kept.
+    Pull(PullArgs),
+}
+
+/// How `check`, `push` and `pull` reach registries (`serve` reads the same
+/// from its flags or configuration file).
+#[derive(Debug, Args)]
+struct RegistryArgs {
+    /// A registry (HOST:PORT) to reach over plain HTTP instead of HTTPS
+    /// (repeatable); loopback registries always are.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+    /// A docker config.json holding registry credentials (`auths`); or set
+    /// WASM_ECHO_REGISTRY_USERNAME and WASM_ECHO_REGISTRY_PASSWORD.
+    #[arg(long, value_name = "FILE")]
+    registry_auth: Option<PathBuf>,
+    /// Where fetched plugins are kept [default: $XDG_CACHE_HOME/wasm-echo
+    /// or ~/.cache/wasm-echo].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    /// A runtime that reaches registries as these flags say.
+    fn runtime(&self, max_plugin_size: u64) -> anyhow::Result<Runtime> {
+        let mut runtime = Runtime::new()?;
+        runtime.set_max_plugin_size(max_plugin_size);
+        let dir = match &self.cache_dir {
+            Some(dir) => dir.clone(),
+            None => crate::cache::CacheDir::default_path()
+                .context("the environment names no home directory: set --cache-dir")?,
+        };
+        let cache = crate::cache::CacheDir::open(&dir)?;
+        runtime.set_registry(crate::registry::access(
+            &self.insecure_registries,
+            self.registry_auth.as_deref(),
+            Some(&cache),
+        )?);
+        runtime.set_cache(cache);
+        Ok(runtime)
+    }
+}
+
+#[derive(Debug, Args)]
+struct PushArgs {
+    /// The component to publish; it must load as a wasm-echo plugin.
+    file: PathBuf,
+    /// Where: oci://HOST[:PORT]/REPOSITORY:TAG.
+    #[arg(value_name = "REFERENCE")]
+    reference: String,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+struct PullArgs {
+    /// oci://HOST[:PORT]/REPOSITORY@sha256:DIGEST, or :TAG.
+    #[arg(value_name = "REFERENCE")]
+    reference: String,
+    #[command(flatten)]
+    registry: RegistryArgs,
 }
 
 #[derive(Debug, Args)]
@@ -98,7 +163,8 @@ struct ServeArgs {
     /// wasm-echo.example.toml) instead of one plugin given by flags.
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "plugin", "udp", "tcp", "settings", "call_timeout", "memory_limit", "framing", "max_message", "grace", "drain_delay",
-        "max_plugin_size", "record", "record_max_size", "record_sample",
+        "max_plugin_size", "record", "record_max_size", "record_sample", "allow_tags",
+        "tag_poll_interval", "insecure_registries", "registry_auth",
     ])]
     config: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free
@@ -120,10 +186,25 @@ struct ServeArgs {
     /// $XDG_RUNTIME_DIR].
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
-    /// The plugin: a built-in's name (hello, echo, counter) or the path of a
-    /// .wasm component.
-    #[arg(long, value_name = "NAME|PATH")]
+    /// The plugin: a built-in's name (hello, echo, counter), the path of a
+    /// .wasm component, or oci://HOST[:PORT]/REPOSITORY@sha256:DIGEST.
+    #[arg(long, value_name = "NAME|PATH|REF")]
     plugin: Option<String>,
+    /// Accept an oci:// plugin reference by tag (:TAG), and follow the tag:
+    /// when it moves, reload to the digest it points to.
+    #[arg(long)]
+    allow_tags: bool,
+    /// How often a followed tag is asked about [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    tag_poll_interval: Option<Duration>,
+    /// A registry (HOST:PORT) to reach over plain HTTP instead of HTTPS
+    /// (repeatable); loopback registries always are.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+    /// A docker config.json holding registry credentials (`auths`); or set
+    /// WASM_ECHO_REGISTRY_USERNAME and WASM_ECHO_REGISTRY_PASSWORD.
+    #[arg(long, value_name = "FILE")]
+    registry_auth: Option<PathBuf>,
     /// Serve UDP on this IP address and port (port 0: any free port).
     /// Without --udp and --tcp both are served on 0.0.0.0:12345; with only
     /// one of them, only that one.
@@ -210,6 +291,8 @@ impl ServeArgs {
             record: self.record,
             record_max_size: self.record_max_size,
             record_sample: self.record_sample,
+            allow_tags: Some(self.allow_tags),
+            tag_poll_interval: self.tag_poll_interval,
             ..RawListener::default()
         };
         RawConfig {
@@ -217,6 +300,8 @@ impl ServeArgs {
             drain_delay: self.drain_delay,
             max_plugin_size: self.max_plugin_size,
             cache_dir: self.cache_dir,
+            insecure_registries: Some(self.insecure_registries),
+            registry_auth: self.registry_auth,
             listeners: [("main".to_owned(), listener)].into(),
         }
     }
@@ -264,9 +349,9 @@ struct StatusArgs {
 
 #[derive(Debug, Args)]
 struct ReloadArgs {
-    /// The new plugin: a built-in's name or a .wasm component's path
-    /// [default: each listener's own file, read again].
-    #[arg(long, value_name = "NAME|PATH")]
+    /// The new plugin: a built-in's name, a .wasm component's path or an
+    /// oci:// reference [default: each listener's own source, read again].
+    #[arg(long, value_name = "NAME|PATH|REF")]
     plugin: Option<String>,
     /// Reload only this listener [default: all of them].
     #[arg(long, value_name = "NAME")]
@@ -348,8 +433,9 @@ struct RolloutTarget {
 
 #[derive(Debug, Args)]
 struct CheckArgs {
-    /// A built-in's name or the path of a .wasm component.
-    #[arg(value_name = "NAME|PATH", required_unless_present = "config")]
+    /// A built-in's name, the path of a .wasm component, or an oci://
+    /// reference (fetched through the cache).
+    #[arg(value_name = "NAME|PATH|REF", required_unless_present = "config")]
     plugin: Option<String>,
     /// Check a configuration file instead, as `serve --config` would before
     /// binding: every key, and every listener's plugin loaded and started
@@ -359,6 +445,8 @@ struct CheckArgs {
     /// The largest plugin file read [default: 128MiB].
     #[arg(long, value_name = "SIZE", value_parser = parse_plugin_size)]
     max_plugin_size: Option<u64>,
+    #[command(flatten)]
+    registry: RegistryArgs,
 }
 
 #[derive(Debug, Args)]
@@ -418,6 +506,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::New(args) => new(args.lang, &args.name, args.dir.as_deref()),
             Command::Replay(args) => replay(args).await,
             Command::Rollout(command) => rollout(command).await,
+            Command::Push(args) => push(args).await,
+            Command::Pull(args) => pull(args).await,
         }
     });
     // Dropping the runtime would wait for every task and blocking thread;
@@ -576,6 +666,7 @@ async fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
                 .into_owned(),
         ),
         Some(PluginSource::Builtin(name)) => Some(name.to_owned()),
+        Some(PluginSource::Oci(reference)) => Some(reference.to_string()),
         None => None,
     };
     let request = control::Request::Reload {
@@ -610,6 +701,7 @@ async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
                     .to_string_lossy()
                     .into_owned(),
                 PluginSource::Builtin(name) => name.to_owned(),
+                PluginSource::Oci(reference) => reference.to_string(),
             };
             let plan = crate::rollout::RawRollout {
                 candidate,
@@ -753,9 +845,55 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     // clap asks for a plugin whenever --config is missing.
     let plugin = args.plugin.context("no plugin to check")?;
     let source = PluginSource::parse(&plugin)?;
-    let mut runtime = Runtime::new()?;
-    runtime.set_max_plugin_size(args.max_plugin_size.unwrap_or(DEFAULT_MAX_PLUGIN_SIZE));
+    let max = args.max_plugin_size.unwrap_or(DEFAULT_MAX_PLUGIN_SIZE);
+    let runtime = match &source {
+        PluginSource::Oci(_) => args.registry.runtime(max)?,
+        _ => {
+            let mut runtime = Runtime::new()?;
+            runtime.set_max_plugin_size(max);
+            runtime
+        }
+    };
     say(crate::check::check(&runtime, &source).await?)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `wasm-echo push`: checks the file loads as a plugin, publishes it, and
+/// prints the reference to pin.
+async fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
+    let reference = crate::registry::OciReference::parse(&args.reference)?;
+    if reference.tag().is_none() {
+        anyhow::bail!(
+            "{reference}: push to a tag (oci://HOST[:PORT]/REPOSITORY:TAG); the digest is printed once it is there"
+        );
+    }
+    let runtime = args.registry.runtime(DEFAULT_MAX_PLUGIN_SIZE)?;
+    let source = PluginSource::File(args.file.clone());
+    // A file that would not serve is refused before anything is sent.
+    runtime.load(&source)?;
+    let bytes = source.bytes(DEFAULT_MAX_PLUGIN_SIZE)?.into_owned();
+    let pinned = runtime.registry().push(&reference, bytes).await?;
+    say(format_args!("pushed {pinned}\n"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `wasm-echo pull`: fetches into the cache and says where it is.
+async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
+    let reference = crate::registry::OciReference::parse(&args.reference)?;
+    let runtime = args.registry.runtime(DEFAULT_MAX_PLUGIN_SIZE)?;
+    let fetched = runtime
+        .fetch(&PluginSource::Oci(reference.clone()))
+        .await?
+        .context("not a registry reference")?;
+    let cache = runtime
+        .cache()
+        .map(|cache| cache.path().join("oci").display().to_string())
+        .unwrap_or_default();
+    say(format_args!(
+        "pulled {} ({} bytes) into {cache}\n",
+        reference.pinned(&fetched.digest),
+        fetched.bytes.len()
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 

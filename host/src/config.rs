@@ -47,6 +47,11 @@ pub struct ServerConfig {
     /// operator named it (`cache-dir`); `None` for the user's cache
     /// directory.
     pub cache_dir: Option<PathBuf>,
+    /// Registries (`HOST:PORT`) reached over plain HTTP; loopback ones
+    /// always are.
+    pub insecure_registries: Vec<String>,
+    /// The docker `config.json` holding registry credentials, if any.
+    pub registry_auth: Option<PathBuf>,
 }
 
 /// One tenant: a plugin serving a UDP and/or a TCP address.
@@ -92,6 +97,11 @@ pub struct ListenerConfig {
     pub reuse_port: bool,
     /// A rollout started with the server (`[listeners.NAME.rollout]`).
     pub rollout: Option<crate::rollout::Plan>,
+    /// Whether `plugin` may be an `oci://` reference by tag (which may
+    /// move) rather than by digest.
+    pub allow_tags: bool,
+    /// How often a followed tag is asked about.
+    pub tag_poll_interval: Duration,
 }
 
 /// A TCP listener behind a load balancer that speaks the PROXY protocol
@@ -228,6 +238,8 @@ pub struct RawConfig {
     #[serde(default, deserialize_with = "size")]
     pub max_plugin_size: Option<usize>,
     pub cache_dir: Option<PathBuf>,
+    pub insecure_registries: Option<Vec<String>>,
+    pub registry_auth: Option<PathBuf>,
     // Missing or empty alike: `resolve` says what to add.
     #[serde(default)]
     pub listeners: BTreeMap<String, RawListener>,
@@ -285,7 +297,14 @@ pub struct RawListener {
     pub proxy_from: Option<Vec<String>>,
     pub reuse_port: Option<bool>,
     pub rollout: Option<crate::rollout::RawRollout>,
+    pub allow_tags: Option<bool>,
+    #[serde(default, deserialize_with = "duration")]
+    pub tag_poll_interval: Option<Duration>,
 }
+
+/// How often a followed tag is asked about unless `tag-poll-interval` says
+/// otherwise.
+pub const DEFAULT_TAG_POLL_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The default grace period for open connections.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
@@ -553,6 +572,14 @@ impl RawConfig {
                     dir
                 }
             }),
+            insecure_registries: self.insecure_registries.unwrap_or_default(),
+            registry_auth: self.registry_auth.map(|file| {
+                if file.is_relative() {
+                    origin.base().join(file)
+                } else {
+                    file
+                }
+            }),
             origin,
         };
         config.check()?;
@@ -578,6 +605,22 @@ impl RawListener {
             Ok(source) => source,
             Err(reason) => return Err(error("plugin", reason.to_string())),
         };
+        let allow_tags = self.allow_tags.unwrap_or(false);
+        if let PluginSource::Oci(reference) = &plugin
+            && reference.tag().is_some()
+            && !allow_tags
+        {
+            let refusal = crate::registry::RegistryError::TagNotAllowed {
+                reference: reference.to_string(),
+            };
+            return Err(error("plugin", refusal.to_string()));
+        }
+        let tag_poll_interval = in_range(
+            self.tag_poll_interval.unwrap_or(DEFAULT_TAG_POLL_INTERVAL),
+            Duration::from_millis(100)..=Duration::from_secs(24 * 3600),
+            |v| humantime::format_duration(*v),
+        )
+        .map_err(|reason| error("tag-poll-interval", reason))?;
         if self.udp.is_none() && self.tcp.is_none() {
             return Err(error(
                 "udp",
@@ -695,6 +738,8 @@ impl RawListener {
             rollout,
             proxy,
             reuse_port: self.reuse_port.unwrap_or(false),
+            allow_tags,
+            tag_poll_interval,
             record,
             plugin,
             plugin_config: self.plugin_config,

@@ -7,7 +7,9 @@
 //! carries out the decision that comes back. The [`server`] builds tenants
 //! from a [`config`], binds their sockets and runs until every listener has
 //! stopped. [`reload`] swaps a tenant's plugin while it serves, when asked
-//! through the [`control`] socket, by SIGHUP or by the file [`watch`]er.
+//! through the [`control`] socket, by SIGHUP, by the file [`watch`]er
+//! or when a followed tag moves in a [`registry`], where plugins can also
+//! be fetched from, verified by digest.
 //! [`client`], [`check`] and [`scaffold`] (`new`) are the CLI's other verbs,
 //! and [`cli`] parses the command line. Files an operator names are read
 //! through [`input_file`], bounded in kind, size and time, and [`logging`]
@@ -30,6 +32,7 @@ pub mod logging;
 pub mod metrics;
 pub mod plugin;
 pub mod recording;
+pub mod registry;
 pub mod reload;
 pub mod replay;
 pub mod rollout;

@@ -49,7 +49,7 @@ use tokio::net::TcpListener;
 
 mod versions;
 
-pub use versions::{CallTally, FailureKind, PluginSeries, VersionSeries};
+pub use versions::{CallTally, FailureKind, PluginInfo, PluginSeries, VersionSeries};
 
 /// How a reload of one listener ended, as `wasm_echo_reloads_total`'s
 /// `result` label says.
@@ -374,7 +374,7 @@ impl ListenerMetrics {
 
     /// The series of one version of this listener's plugin; see
     /// [`PluginSeries::version`].
-    pub fn version(&self, version: &str, plugin: Option<(&str, &str)>) -> VersionSeries {
+    pub fn version(&self, version: &str, plugin: Option<PluginInfo<'_>>) -> VersionSeries {
         self.plugins.version(version, plugin)
     }
 }

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::metrics::ReloadOutcome;
 use crate::plugin::{CallError, LoadError, PluginSource, Runtime};
+use crate::registry::{OciReference, RegistryError};
 use crate::tenant::Tenant;
 
 /// Why a reload changed nothing.
@@ -63,6 +64,15 @@ pub enum ReloadError {
         /// What the compiling task said.
         #[source]
         error: tokio::task::JoinError,
+    },
+    /// A reference by tag for a listener without `allow-tags`.
+    #[error("listener `{listener}`: {error}")]
+    Registry {
+        /// Whose plugin.
+        listener: String,
+        /// Why.
+        #[source]
+        error: crate::registry::RegistryError,
     },
     /// The listener runs native code, which cannot be reloaded.
     #[error("listener `{0}` runs no plugin")]
@@ -179,8 +189,36 @@ impl Reloader {
                     tenant.name().to_owned(),
                     std::path::absolute(path).unwrap_or_else(|_| path.clone()),
                 )),
-                PluginSource::Builtin(_) => None,
+                PluginSource::Builtin(_) | PluginSource::Oci(_) => None,
             })
+            .collect()
+    }
+
+    /// The tags the tenants follow now, each with its tenant's poll
+    /// interval, for [`crate::registry::follow`].
+    pub fn followed_tags(&self) -> Vec<(OciReference, std::time::Duration)> {
+        self.tenants
+            .iter()
+            .filter_map(|tenant| match tenant.current()?.source() {
+                PluginSource::Oci(reference) if reference.tag().is_some() => {
+                    Some((reference.clone(), tenant.tag_poll_interval()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The tenants that run `source` (a tag) at another digest than
+    /// `digest`: those a tag move concerns.
+    pub fn behind(&self, source: &PluginSource, digest: &str) -> Vec<String> {
+        self.tenants
+            .iter()
+            .filter(|tenant| {
+                tenant.current().is_some_and(|plugin| {
+                    plugin.source() == source && plugin.pinned() != Some(digest)
+                })
+            })
+            .map(|tenant| tenant.name().to_owned())
             .collect()
     }
 
@@ -256,9 +294,30 @@ impl Reloader {
         {
             return Err(ReloadError::RelativePath(path.clone()));
         }
+        if let PluginSource::Oci(reference) = source
+            && reference.tag().is_some()
+            && !tenant.allow_tags()
+        {
+            return Err(ReloadError::Registry {
+                listener: tenant.name().to_owned(),
+                error: RegistryError::TagNotAllowed {
+                    reference: reference.to_string(),
+                },
+            });
+        }
+        // The registry is asked here, on this task; compiling, below,
+        // never waits on it.
+        let fetched = self
+            .runtime
+            .fetch(source)
+            .await
+            .map_err(|error| ReloadError::Load {
+                listener: tenant.name().to_owned(),
+                error,
+            })?;
         let runtime = self.runtime.clone();
         let source = source.clone();
-        match tokio::task::spawn_blocking(move || runtime.load(&source)).await {
+        match tokio::task::spawn_blocking(move || runtime.load_fetched(&source, fetched)).await {
             Ok(Ok(plugin)) => Ok(Arc::new(plugin)),
             Ok(Err(error)) => Err(ReloadError::Load {
                 listener: tenant.name().to_owned(),
@@ -341,24 +400,10 @@ impl Reloader {
             let source = requested
                 .cloned()
                 .unwrap_or_else(|| current.source().clone());
-            let runtime = self.runtime.clone();
-            let compiled = tokio::task::spawn_blocking(move || runtime.load(&source)).await;
-            let plugin = match compiled {
-                Ok(Ok(plugin)) => Arc::new(plugin),
-                Ok(Err(error)) => {
-                    return Err(ReloadError::Load {
-                        listener: tenant.name().to_owned(),
-                        error,
-                    });
-                }
-                Err(join) => {
-                    return Err(ReloadError::Compilation {
-                        listener: tenant.name().to_owned(),
-                        error: join,
-                    });
-                }
-            };
-            let changed = plugin.digest() != current.digest() || plugin.name() != current.name();
+            let plugin = self.load(tenant, &source).await?;
+            let changed = plugin.digest() != current.digest()
+                || plugin.name() != current.name()
+                || plugin.pinned() != current.pinned();
             if changed {
                 tenant
                     .try_start(&plugin)
@@ -388,6 +433,9 @@ impl Reloader {
                             PluginSource::File(path) => format!("now watching {}", path.display()),
                             PluginSource::Builtin(name) => {
                                 format!("now watching no file (`{name}` is built in)")
+                            }
+                            PluginSource::Oci(reference) => {
+                                format!("now watching no file ({reference} is in a registry)")
                             }
                         }
                     });

@@ -111,6 +111,11 @@ impl Server {
         if let Some(cache) = open_cache(&config)? {
             runtime.set_cache(cache);
         }
+        runtime.set_registry(crate::registry::access(
+            &config.insecure_registries,
+            config.registry_auth.as_deref(),
+            runtime.cache(),
+        )?);
         let runtime = Arc::new(runtime);
         let mut loaded: HashMap<PluginSource, Arc<Plugin>> = HashMap::new();
         let mut tenants = Vec::new();
@@ -118,7 +123,8 @@ impl Server {
             let plugin = match loaded.get(&listener.plugin) {
                 Some(plugin) => plugin.clone(),
                 None => {
-                    let plugin = runtime.load(&listener.plugin).map_err(|error| {
+                    let plugin = runtime.fetch_and_load(&listener.plugin).await;
+                    let plugin = plugin.map_err(|error| {
                         config
                             .origin
                             .caused_by(Some(&listener.name), "plugin", error)
@@ -327,6 +333,9 @@ impl Server {
                     }
                 });
             }
+        }
+        if let (Some(reloader), Some(runtime)) = (&reloader, &self.runtime) {
+            crate::registry::follow::spawn(runtime.clone(), reloader.clone(), &tasks, &stop);
         }
         if let (Some(reloader), Some(control)) = (&reloader, self.control) {
             tracing::info!("control socket {}", control.path().display());

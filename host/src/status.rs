@@ -119,6 +119,9 @@ fn render(before: &Scrape, after: &Scrape, interval: Duration) -> String {
     let reloads_ok = per_listener(after, "wasm_echo_reloads_total", Some(("result", "ok")));
     let reloads_failed = per_listener(after, "wasm_echo_reloads_total", Some(("result", "failed")));
     let mut versions: BTreeMap<String, String> = BTreeMap::new();
+    // Listeners whose plugin comes from a registry: the reference they were
+    // given (a tag, maybe) and the digest they run.
+    let mut references: BTreeMap<String, String> = BTreeMap::new();
     for sample in after
         .samples
         .iter()
@@ -128,6 +131,11 @@ fn render(before: &Scrape, after: &Scrape, interval: Duration) -> String {
             (sample.labels.get("listener"), sample.labels.get("version"))
         {
             versions.insert(listener.to_owned(), version.to_owned());
+            if let (Some(reference), Some(pinned)) =
+                (sample.labels.get("reference"), sample.labels.get("pinned"))
+            {
+                references.insert(listener.to_owned(), format!("{reference} at {pinned}"));
+            }
         }
     }
 
@@ -167,6 +175,9 @@ fn render(before: &Scrape, after: &Scrape, interval: Duration) -> String {
                 get(&reloads_failed, listener)
             ),
         );
+    }
+    for (listener, reference) in &references {
+        let _ = writeln!(out, "{listener}: {reference}");
     }
     render_rollouts(after, &mut out);
     out

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -565,4 +566,113 @@ pub fn tcp_read_to_end(stream: &mut TcpStream) -> Vec<u8> {
         Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => rest,
         Err(error) => panic!("expected the server to close the connection: {error}"),
     }
+}
+
+/// The built-in hello plugin's UDP greeting.
+pub const GREETING_UDP: &[u8] = b"Hello, client!";
+/// The built-in hello plugin's TCP greeting.
+pub const GREETING_TCP: &[u8] = b"hello, tcp client!";
+
+// Load that counts lost replies while plugins are swapped (echo and hello
+// alternate): used by the reload tests and the registry's tag-following
+// ones.
+
+/// How long a request under load may wait for its reply before it counts
+/// as lost: short, so a lost datagram fails at once with its count instead
+/// of a minute's hang, and far above a reply's real latency.
+pub const REPLY_WAIT: Duration = Duration::from_secs(5);
+
+/// Swap progress shared with the clients: `2 * k` once `k` swaps are done,
+/// `2 * k + 1` while swap `k + 1` is being made.
+pub type Progress = Arc<AtomicUsize>;
+
+/// Which plugin serves after `swaps` successful swaps (they alternate,
+/// starting from echo).
+pub fn serving_after(swaps: usize) -> &'static str {
+    if swaps.is_multiple_of(2) {
+        "echo"
+    } else {
+        "hello"
+    }
+}
+
+/// Checks a reply that came back between two reads of `progress`: if no
+/// swap was made or begun meanwhile, it must be the version the last swap
+/// put in place; an older one would mean versions went back.
+pub fn check_version(progress: &Progress, before: usize, version: &str, what: &str) {
+    let after = progress.load(Ordering::SeqCst);
+    if before == after && before.is_multiple_of(2) {
+        let swaps = before / 2;
+        assert_eq!(
+            version,
+            serving_after(swaps),
+            "{what}: answered by a replaced version after swap {swaps}"
+        );
+    }
+}
+
+/// One UDP client: asks until `stop`, each reply within [`REPLY_WAIT`];
+/// returns how many requests it made.
+pub fn udp_load(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, progress: Progress) -> usize {
+    let socket = udp_client(addr);
+    socket.set_read_timeout(Some(REPLY_WAIT)).expect("timeout");
+    let started = Instant::now();
+    let mut sent = 0;
+    let mut buf = [0u8; 64];
+    while !stop.load(Ordering::Relaxed) && sent < 500_000 && started.elapsed() < PATIENCE {
+        let message = format!("udp {id} {sent}");
+        let before = progress.load(Ordering::SeqCst);
+        socket.send(message.as_bytes()).expect("send");
+        let len = socket.recv(&mut buf).unwrap_or_else(|error| {
+            panic!(
+                "udp client {id}: request {sent} lost ({error} within {REPLY_WAIT:?}; \
+                 {sent} answered before it)"
+            )
+        });
+        let version = match &buf[..len] {
+            r if r == message.as_bytes() => "echo",
+            GREETING_UDP => "hello",
+            other => panic!("{message:?} got {:?}", String::from_utf8_lossy(other)),
+        };
+        check_version(&progress, before, version, &message);
+        sent += 1;
+    }
+    sent
+}
+
+/// One TCP client: connections of five exchanges each until `stop`, each
+/// reply within [`REPLY_WAIT`], each connection on one version; returns
+/// how many requests it made.
+pub fn tcp_load(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, progress: Progress) -> usize {
+    let started = Instant::now();
+    let mut sent = 0;
+    while !stop.load(Ordering::Relaxed) && sent < 500_000 && started.elapsed() < PATIENCE {
+        let before = progress.load(Ordering::SeqCst);
+        let mut stream = tcp_client(addr);
+        stream.set_read_timeout(Some(REPLY_WAIT)).expect("timeout");
+        let mut versions = Vec::new();
+        for round in 0..5 {
+            let message = format!("tcp {id} {sent} {round}");
+            stream.write_all(message.as_bytes()).expect("send");
+            let mut buf = [0u8; 64];
+            let len = stream.read(&mut buf).unwrap_or_else(|error| {
+                panic!("tcp client {id}: {message:?} lost ({error} within {REPLY_WAIT:?})")
+            });
+            let version = match &buf[..len] {
+                r if r == message.as_bytes() => "echo",
+                GREETING_TCP => "hello",
+                other => panic!("{message:?} got {:?}", String::from_utf8_lossy(other)),
+            };
+            if round == 0 {
+                check_version(&progress, before, version, &message);
+            }
+            versions.push(version);
+            sent += 1;
+        }
+        assert!(
+            versions.iter().all(|v| *v == versions[0]),
+            "one connection saw two versions: {versions:?}"
+        );
+    }
+    sent
 }

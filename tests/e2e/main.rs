@@ -33,10 +33,14 @@ mod metrics;
 mod migration;
 /// Three nodes behind nginx (`deploy/multinode.sh`): spread, real clients, drain, rolling swap.
 mod multinode;
+/// Plugins from a real OCI registry: push, pull, digests verified, tags followed, the cache.
+mod oci;
 /// The hello and echo plugins in Python, JavaScript and C, held to the Rust ones' behaviour.
 mod polyglot;
 /// Debian's prometheus with the shipped scrape config; the Grafana dashboard's series.
 mod prometheus;
+/// A real registry (Debian's docker-registry) on 127.0.0.1, for `oci`.
+mod registry;
 /// Hot reloads: under load, on file changes, on SIGHUP, and failed ones.
 mod reload;
 /// A plugin instance whose memory keeps growing is renewed before its cap.

@@ -1,18 +1,15 @@
-use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::{
-    self, PATIENCE, Server, control_path, one_line_error, plugins, scratch_file, send_signal,
-    tcp_ask, tcp_client, udp_ask, udp_client,
+    self, GREETING_TCP, GREETING_UDP, Progress, Server, control_path, one_line_error, plugins,
+    scratch_file, send_signal, serving_after, tcp_ask, tcp_client, tcp_load, udp_ask, udp_client,
+    udp_load,
 };
-
-const GREETING_UDP: &[u8] = b"Hello, client!";
-const GREETING_TCP: &[u8] = b"hello, tcp client!";
 
 fn reload(control: &Path, args: &[&str]) -> std::process::Output {
     common::control("reload", control, args)
@@ -50,108 +47,9 @@ fn plugin_file(plugin: &str) -> PathBuf {
     scratch_file("plugin.wasm", &std::fs::read(plugin).expect("built plugin"))
 }
 
-/// How long a request under load may wait for its reply before it counts
-/// as lost: short, so a lost datagram fails at once with its count instead
-/// of a minute's hang, and far above a reply's real latency.
-const REPLY_WAIT: Duration = Duration::from_secs(5);
-
-/// Swap progress shared with the clients: `2 * k` once `k` swaps are done,
-/// `2 * k + 1` while swap `k + 1` is being made.
-type Progress = Arc<AtomicUsize>;
-
-/// Which plugin serves after `swaps` successful swaps (they alternate,
-/// starting from echo).
-fn serving_after(swaps: usize) -> &'static str {
-    if swaps.is_multiple_of(2) {
-        "echo"
-    } else {
-        "hello"
-    }
-}
-
-/// Checks a reply that came back between two reads of `progress`: if no
-/// swap was made or begun meanwhile, it must be the version the last swap
-/// put in place; an older one would mean versions went back.
-fn check_version(progress: &Progress, before: usize, version: &str, what: &str) {
-    let after = progress.load(Ordering::SeqCst);
-    if before == after && before.is_multiple_of(2) {
-        let swaps = before / 2;
-        assert_eq!(
-            version,
-            serving_after(swaps),
-            "{what}: answered by a replaced version after swap {swaps}"
-        );
-    }
-}
-
-/// One UDP client: asks until `stop`, each reply within [`REPLY_WAIT`];
-/// returns how many requests it made.
-fn udp_load(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, progress: Progress) -> usize {
-    let socket = udp_client(addr);
-    socket.set_read_timeout(Some(REPLY_WAIT)).expect("timeout");
-    let started = Instant::now();
-    let mut sent = 0;
-    let mut buf = [0u8; 64];
-    while !stop.load(Ordering::Relaxed) && sent < 500_000 && started.elapsed() < PATIENCE {
-        let message = format!("udp {id} {sent}");
-        let before = progress.load(Ordering::SeqCst);
-        socket.send(message.as_bytes()).expect("send");
-        let len = socket.recv(&mut buf).unwrap_or_else(|error| {
-            panic!(
-                "udp client {id}: request {sent} lost ({error} within {REPLY_WAIT:?}; \
-                 {sent} answered before it)"
-            )
-        });
-        let version = match &buf[..len] {
-            r if r == message.as_bytes() => "echo",
-            GREETING_UDP => "hello",
-            other => panic!("{message:?} got {:?}", String::from_utf8_lossy(other)),
-        };
-        check_version(&progress, before, version, &message);
-        sent += 1;
-    }
-    sent
-}
-
-/// One TCP client: connections of five exchanges each until `stop`, each
-/// reply within [`REPLY_WAIT`], each connection on one version; returns
-/// how many requests it made.
-fn tcp_load(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, progress: Progress) -> usize {
-    let started = Instant::now();
-    let mut sent = 0;
-    while !stop.load(Ordering::Relaxed) && sent < 500_000 && started.elapsed() < PATIENCE {
-        let before = progress.load(Ordering::SeqCst);
-        let mut stream = tcp_client(addr);
-        stream.set_read_timeout(Some(REPLY_WAIT)).expect("timeout");
-        let mut versions = Vec::new();
-        for round in 0..5 {
-            let message = format!("tcp {id} {sent} {round}");
-            stream.write_all(message.as_bytes()).expect("send");
-            let mut buf = [0u8; 64];
-            let len = stream.read(&mut buf).unwrap_or_else(|error| {
-                panic!("tcp client {id}: {message:?} lost ({error} within {REPLY_WAIT:?})")
-            });
-            let version = match &buf[..len] {
-                r if r == message.as_bytes() => "echo",
-                GREETING_TCP => "hello",
-                other => panic!("{message:?} got {:?}", String::from_utf8_lossy(other)),
-            };
-            if round == 0 {
-                check_version(&progress, before, version, &message);
-            }
-            versions.push(version);
-            sent += 1;
-        }
-        assert!(
-            versions.iter().all(|v| *v == versions[0]),
-            "one connection saw two versions: {versions:?}"
-        );
-    }
-    sent
-}
-
 /// Regression guard for hot swaps: under UDP and TCP load, 22 swaps (and a
-/// failed one) lose no request (each is answered within [`REPLY_WAIT`]),
+/// failed one) lose no request (each is answered within
+/// [`common::REPLY_WAIT`]),
 /// answer none twice (the server's own counts match the clients'), never
 /// answer from a version already replaced, and never mix versions on one
 /// connection; the server itself says it made every swap.

@@ -207,6 +207,18 @@ struct Shelf {
     retired: Counts,
 }
 
+/// What `wasm_echo_plugin_info` says about a version.
+#[derive(Clone, Copy, Debug)]
+pub struct PluginInfo<'a> {
+    /// The plugin's short name.
+    pub name: &'a str,
+    /// The first 12 hex digits of its component's sha256.
+    pub digest: &'a str,
+    /// For a plugin from a registry: the reference it was given (a tag,
+    /// maybe) and the manifest digest it runs, for `status`.
+    pub registry: Option<(&'a str, &'a str)>,
+}
+
 /// The per-version series of one listener: makes a [`VersionSeries`] for
 /// each version it serves. Held by the listener's metrics.
 #[derive(Debug)]
@@ -228,22 +240,29 @@ impl PluginSeries {
     }
 
     /// The series of a version labelled `version` (`name@digest`, or
-    /// `native`); `plugin` is its plugin's name and digest, for
-    /// `wasm_echo_plugin_info`. Made once per version: every session on it
-    /// shares them.
-    pub fn version(&self, version: &str, plugin: Option<(&str, &str)>) -> VersionSeries {
+    /// `native`); `plugin` is what `wasm_echo_plugin_info` says about it.
+    /// Made once per version: every session on it shares them.
+    pub fn version(&self, version: &str, plugin: Option<PluginInfo<'_>>) -> VersionSeries {
         let live = Arc::new(Live {
             labels: format!(
                 "{},version=\"{}\"",
                 self.book.labels,
                 sanitize_label_value(version)
             ),
-            info: plugin.map(|(name, digest)| {
-                format!(
+            info: plugin.map(|plugin| {
+                let mut info = format!(
                     "plugin=\"{}\",digest=\"{}\"",
-                    sanitize_label_value(name),
-                    sanitize_label_value(digest)
-                )
+                    sanitize_label_value(plugin.name),
+                    sanitize_label_value(plugin.digest)
+                );
+                if let Some((reference, pinned)) = plugin.registry {
+                    info.push_str(&format!(
+                        ",reference=\"{}\",pinned=\"{}\"",
+                        sanitize_label_value(reference),
+                        sanitize_label_value(pinned)
+                    ));
+                }
+                info
             }),
             current: AtomicBool::new(false),
             watched: AtomicBool::new(false),
@@ -498,14 +517,28 @@ mod tests {
     fn a_retired_version_leaves_the_page_and_its_counts_stay_in_the_totals() {
         start_recording();
         let series = PluginSeries::new("retire-test");
-        let mut current = series.version("p@000000000000", Some(("p", "000000000000")));
+        let mut current = series.version(
+            "p@000000000000",
+            Some(PluginInfo {
+                name: "p",
+                digest: "000000000000",
+                registry: None,
+            }),
+        );
         current.set_current(true);
         current.call(Duration::from_micros(3));
         current.failed(FailureKind::Trap);
         let size = lines_of("retire-test").len();
         for n in 1..=50 {
             let digest = format!("{n:012}");
-            let next = series.version(&format!("p@{digest}"), Some(("p", &digest)));
+            let next = series.version(
+                &format!("p@{digest}"),
+                Some(PluginInfo {
+                    name: "p",
+                    digest: &digest,
+                    registry: None,
+                }),
+            );
             next.set_current(true);
             current.set_current(false);
             // The replaced version goes with its last holder.

@@ -22,6 +22,7 @@ use std::time::SystemTime;
 use wasmtime::component::Component;
 
 use crate::input_file::{self, InputError};
+use crate::registry::{OciReference, ReferenceError, RegistryError};
 
 pub use bindings::{
     Connection, Contract, ContractVersion, Decision, Endpoint, Framing, Next, SavedState,
@@ -56,17 +57,24 @@ pub enum PluginSource {
     Builtin(&'static str),
     /// A component file.
     File(PathBuf),
+    /// A component in an OCI registry (`oci://...`), by digest or by tag.
+    Oci(OciReference),
 }
 
 impl PluginSource {
-    /// Reads `--plugin`: a built-in's name, or else a path. A name that
+    /// Reads `--plugin`: an `oci://` reference, a built-in's name, or else
+    /// a path. A name that
     /// looks like neither (no such built-in, no `/`, no `.wasm`) is refused
     /// here rather than reported later as a missing file.
     ///
     /// # Errors
     ///
-    /// [`LoadError::UnknownBuiltin`] for a bare word that names no built-in.
+    /// [`LoadError::UnknownBuiltin`] for a bare word that names no
+    /// built-in; [`LoadError::Reference`] for a malformed `oci://` one.
     pub fn parse(text: &str) -> Result<Self, LoadError> {
+        if text.starts_with(crate::registry::SCHEME) {
+            return Ok(Self::Oci(OciReference::parse(text)?));
+        }
         if let Some(name) = builtin_names().find(|name| *name == text) {
             return Ok(Self::Builtin(name));
         }
@@ -92,6 +100,7 @@ impl PluginSource {
                 .file_stem()
                 .map(|stem| stem.to_string_lossy().into_owned())
                 .unwrap_or_else(|| path.display().to_string()),
+            Self::Oci(reference) => reference.short_name().to_owned(),
         }
     }
 
@@ -102,7 +111,9 @@ impl PluginSource {
     /// # Errors
     ///
     /// [`LoadError::Read`] when the file cannot be read, is not a regular
-    /// file, is larger than `max_bytes` or takes too long to read.
+    /// file, is larger than `max_bytes` or takes too long to read;
+    /// [`LoadError::NotFetched`] for an `oci://` reference, whose bytes
+    /// come from [`Runtime::fetch`].
     pub fn bytes(&self, max_bytes: u64) -> Result<std::borrow::Cow<'static, [u8]>, LoadError> {
         match self {
             Self::Builtin(name) => builtin::BUILTIN_PLUGINS
@@ -120,6 +131,9 @@ impl PluginSource {
             )
             .map(std::borrow::Cow::Owned)
             .map_err(LoadError::Read),
+            Self::Oci(reference) => Err(LoadError::NotFetched {
+                reference: reference.to_string(),
+            }),
         }
     }
 }
@@ -129,6 +143,7 @@ impl fmt::Display for PluginSource {
         match self {
             Self::Builtin(name) => write!(f, "built-in plugin `{name}`"),
             Self::File(path) => write!(f, "{}", path.display()),
+            Self::Oci(reference) => write!(f, "{reference}"),
         }
     }
 }
@@ -145,6 +160,19 @@ pub enum LoadError {
     /// The file could not be read, or was refused unread.
     #[error(transparent)]
     Read(InputError),
+    /// An `oci://` reference that does not parse.
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    /// The registry or the blob cache gave nothing usable.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// An `oci://` plugin loaded without being fetched first: a caller
+    /// that does not support registries.
+    #[error("{reference}: plugins from a registry are not supported here; give a file")]
+    NotFetched {
+        /// The reference.
+        reference: String,
+    },
     /// The bytes are not WebAssembly at all.
     #[error("{plugin} is not a WebAssembly component (no `\\0asm` header)")]
     NotWasm {
@@ -201,6 +229,9 @@ pub struct Plugin {
     name: Arc<str>,
     source: PluginSource,
     digest: String,
+    /// For a plugin from a registry, the manifest digest it was fetched
+    /// by: what a tag pointed to, and what to pin.
+    pinned: Option<String>,
     loaded_at: SystemTime,
     component: Component,
     pre: wasmtime::component::InstancePre<host::HostState>,
@@ -228,6 +259,12 @@ impl Plugin {
     /// what tells two versions of a plugin apart.
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    /// For a plugin from a registry, the manifest digest it runs (for a
+    /// tag, the one the tag pointed to when it was fetched).
+    pub fn pinned(&self) -> Option<&str> {
+        self.pinned.as_deref()
     }
 
     /// When this version was loaded.

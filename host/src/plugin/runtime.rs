@@ -33,6 +33,7 @@ use super::host::{self, HostState};
 use super::output::{escape, fold_lines};
 use super::{Limits, LoadError, Plugin, PluginSource, bindings};
 use crate::cache::CacheDir;
+use crate::registry::{Credentials, Fetched, RegistryAccess};
 
 /// How often the epoch advances: the granularity of deadlines, and how
 /// often a long-running call yields its thread to other work.
@@ -153,6 +154,9 @@ pub struct Runtime {
     /// Where fetched and compiled plugins are kept between runs, when the
     /// server has a cache.
     cache: Option<CacheDir>,
+    /// How `oci://` plugins are fetched: registries, credentials and the
+    /// blob cache.
+    registry: RegistryAccess,
 }
 
 /// The epoch ticker's handle. The runtime and every plugin it loaded hold
@@ -334,6 +338,7 @@ impl Runtime {
             ticker: Arc::new(ticker),
             max_plugin_bytes: super::DEFAULT_MAX_PLUGIN_SIZE,
             cache: None,
+            registry: RegistryAccess::new([], Credentials::default(), None),
         })
     }
 
@@ -352,14 +357,86 @@ impl Runtime {
         self.cache.as_ref()
     }
 
+    /// Reaches registries as `registry` says from now on.
+    pub fn set_registry(&mut self, registry: RegistryAccess) {
+        self.registry = registry;
+    }
+
+    /// How this runtime reaches registries.
+    pub fn registry(&self) -> &RegistryAccess {
+        &self.registry
+    }
+
+    /// For an `oci://` source, its component fetched and verified (network
+    /// I/O, done before [`Runtime::load_fetched`] compiles, so that
+    /// compiling never waits on a registry); `None` for any other source.
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError::Registry`] saying why the registry or cache gave
+    /// nothing usable.
+    pub async fn fetch(&self, source: &PluginSource) -> Result<Option<Fetched>, LoadError> {
+        let PluginSource::Oci(reference) = source else {
+            return Ok(None);
+        };
+        let max = usize::try_from(self.max_plugin_bytes).unwrap_or(usize::MAX);
+        let fetched = self.registry.fetch(reference, max).await?;
+        if fetched.from_cache && reference.tag().is_none() {
+            tracing::info!(
+                "{reference}: {} read from the cache, verified; no registry contacted",
+                fetched.digest
+            );
+        } else if fetched.from_cache {
+            tracing::info!(
+                "{reference}: {} read from the cache, verified",
+                fetched.digest
+            );
+        } else {
+            tracing::info!(
+                "{reference}: {} fetched from the registry, verified and cached",
+                fetched.digest
+            );
+        }
+        Ok(Some(fetched))
+    }
+
+    /// [`Runtime::fetch`], then [`Runtime::load_fetched`]: a whole load
+    /// for a caller that may wait on both.
+    ///
+    /// # Errors
+    ///
+    /// As for those two.
+    pub async fn fetch_and_load(&self, source: &PluginSource) -> Result<Plugin, LoadError> {
+        let fetched = self.fetch(source).await?;
+        self.load_fetched(source, fetched)
+    }
+
     /// Reads, compiles, type-checks and pre-links a plugin. This is the
-    /// slow step (Cranelift); instances are then cheap.
+    /// slow step (Cranelift); instances are then cheap. An `oci://` source
+    /// must go through [`Runtime::fetch`] first.
     ///
     /// # Errors
     ///
     /// A [`LoadError`] saying what is wrong with the plugin.
     pub fn load(&self, source: &PluginSource) -> Result<Plugin, LoadError> {
-        let bytes = source.bytes(self.max_plugin_bytes)?;
+        self.load_fetched(source, None)
+    }
+
+    /// [`Runtime::load`], from the bytes [`Runtime::fetch`] gave when it
+    /// gave some.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Runtime::load`].
+    pub fn load_fetched(
+        &self,
+        source: &PluginSource,
+        fetched: Option<Fetched>,
+    ) -> Result<Plugin, LoadError> {
+        let (bytes, pinned) = match fetched {
+            Some(fetched) => (std::borrow::Cow::Owned(fetched.bytes), Some(fetched.digest)),
+            None => (source.bytes(self.max_plugin_bytes)?, None),
+        };
         if wasmparser::Parser::is_core_wasm(&bytes) {
             return Err(LoadError::CoreModule {
                 plugin: source.clone(),
@@ -411,6 +488,7 @@ impl Runtime {
             name: source.name().into(),
             source: source.clone(),
             digest,
+            pinned,
             loaded_at: SystemTime::now(),
             component,
             pre,

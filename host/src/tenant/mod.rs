@@ -225,6 +225,16 @@ impl Tenant {
         self.config.reuse_port
     }
 
+    /// Whether its plugin may be an `oci://` reference by tag.
+    pub fn allow_tags(&self) -> bool {
+        self.config.allow_tags
+    }
+
+    /// How often a tag it follows is asked about.
+    pub fn tag_poll_interval(&self) -> Duration {
+        self.config.tag_poll_interval
+    }
+
     /// How long a TCP connection may stay silent.
     pub fn idle_timeout(&self) -> Duration {
         self.config.traffic.idle_timeout

@@ -16,8 +16,8 @@ use arc_swap::ArcSwap;
 
 use super::migration::Tally;
 use super::native::NativeHandler;
-use crate::metrics::{ListenerMetrics, VersionSeries};
-use crate::plugin::Plugin;
+use crate::metrics::{ListenerMetrics, PluginInfo, VersionSeries};
+use crate::plugin::{Plugin, PluginSource};
 
 /// The code of a version.
 pub enum Code {
@@ -55,7 +55,16 @@ impl Version {
     /// rollout: not current until it is promoted.
     pub(crate) fn candidate(plugin: Arc<Plugin>, metrics: &ListenerMetrics) -> Self {
         let label: Arc<str> = plugin.version().into();
-        let series = metrics.version(&label, Some((plugin.name(), plugin.digest())));
+        let reference = match plugin.source() {
+            PluginSource::Oci(reference) => Some(reference.to_string()),
+            _ => None,
+        };
+        let info = PluginInfo {
+            name: plugin.name(),
+            digest: plugin.digest(),
+            registry: reference.as_deref().zip(plugin.pinned()),
+        };
+        let series = metrics.version(&label, Some(info));
         Self {
             code: Code::Wasm(plugin),
             label,
