@@ -605,7 +605,8 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     // clap asks for a plugin whenever --config is missing.
     let plugin = args.plugin.context("no plugin to check")?;
     let source = PluginSource::parse(&plugin)?;
-    let mut runtime = Runtime::new()?;
+    let cache = crate::cache::CacheDir::open_default();
+    let mut runtime = Runtime::with_cache(crate::plugin::PoolSize::default(), cache)?;
     runtime.set_max_plugin_size(args.max_plugin_size.unwrap_or(DEFAULT_MAX_PLUGIN_SIZE));
     say(crate::check::check(&runtime, &source).await?)?;
     Ok(ExitCode::SUCCESS)

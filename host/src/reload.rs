@@ -1,5 +1,6 @@
 //! Reloading plugins while serving. A reload compiles and checks the new
-//! version off the serving path (Cranelift runs on tokio's blocking pool),
+//! version off the serving path (Cranelift runs on threads of the lowest
+//! priority, or not at all when the compiled-code cache has the version),
 //! starts one instance of it to make sure it comes up, and only then swaps
 //! it in atomically. New datagrams and new connections get the new version;
 //! the UDP listener's instance moves to it at once (with its state, if both
@@ -252,7 +253,13 @@ impl Reloader {
                 .cloned()
                 .unwrap_or_else(|| current.source().clone());
             let runtime = self.runtime.clone();
-            let compiled = tokio::task::spawn_blocking(move || runtime.load(&source)).await;
+            // Compiled at the lowest priority, so that serving keeps its
+            // cores while the new version compiles (start-up compiles at
+            // full priority: nothing is served yet).
+            let compiled = tokio::task::spawn_blocking(move || {
+                crate::background::at_lowest_priority("reload-compile", || runtime.load(&source))
+            })
+            .await;
             let plugin = match compiled {
                 Ok(Ok(plugin)) => Arc::new(plugin),
                 Ok(Err(error)) => {
