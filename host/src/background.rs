@@ -1,5 +1,5 @@
 //! Threads that work in the background of serving (the recording's writer,
-//! a reload's compilation) run at the lowest priority, so that when serving
+//! a reload's compilation) run at a low priority, so that when serving
 //! needs every core they give way instead of slowing it down.
 //!
 //! On Linux a thread that lowered its priority cannot raise it again
@@ -14,13 +14,19 @@ const LOWEST: i32 = 19;
 /// if it cannot: the thread then runs at normal priority, which costs
 /// serving more but is not wrong.
 pub fn lower_priority(what: &str) {
+    lower_priority_to(what, LOWEST);
+}
+
+/// Lowers the calling thread to nice value `nice` (0 normal, 19 lowest),
+/// as [`lower_priority`] does.
+fn lower_priority_to(what: &str, nice: i32) {
     let thread = rustix::thread::gettid();
-    if let Err(error) = rustix::process::setpriority_process(Some(thread), LOWEST) {
+    if let Err(error) = rustix::process::setpriority_process(Some(thread), nice) {
         tracing::debug!("{what} runs at normal priority: {error}");
     }
 }
 
-/// Runs `work` at the lowest priority and returns what it returns. It runs
+/// Runs `work` at nice value `nice` and returns what it returns. It runs
 /// on a rayon pool made for it, one thread per core, each lowered as it
 /// starts; whatever `work` does in parallel with rayon (wasmtime compiles a
 /// component's functions in parallel on the pool it is called from) runs
@@ -29,11 +35,11 @@ pub fn lower_priority(what: &str) {
 ///
 /// Without a pool (the threads cannot be made) `work` runs on the calling
 /// thread at its priority, and the log says so.
-pub fn at_lowest_priority<T: Send>(what: &'static str, work: impl FnOnce() -> T + Send) -> T {
+pub fn at_priority<T: Send>(what: &'static str, nice: i32, work: impl FnOnce() -> T + Send) -> T {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(std::thread::available_parallelism().map_or(1, |cores| cores.get()))
         .thread_name(move |index| format!("{what}-{index}"))
-        .start_handler(move |_| lower_priority(what))
+        .start_handler(move |_| lower_priority_to(what, nice))
         .build();
     match pool {
         Ok(pool) => pool.install(work),
