@@ -21,6 +21,7 @@ mod plugin;
 mod record;
 mod reload;
 mod report;
+mod startup;
 mod targets;
 
 use std::collections::HashMap;
@@ -61,7 +62,10 @@ struct Cli {
     /// tcp-ping, tcp-stream, tcp-churn, memory, plugin, reload (hot-reload
     /// latency and throughput during swaps), hostile (a good tenant's
     /// latency beside each hostile one; run only when named), record (p99
-    /// with recording on and off; run only when named). Repeatable.
+    /// with recording on and off; run only when named), startup (start-up
+    /// to the first reply with an empty and a warm compiled-code cache, and
+    /// reloads back to a version already seen; run only when named; give
+    /// --polyglot for Python, JavaScript and C). Repeatable.
     #[arg(long, value_name = "PART")]
     only: Vec<String>,
     #[command(subcommand)]
@@ -208,6 +212,16 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         None
     };
 
+    let startup_sizes = startup::Sizes::new(cli.quick);
+    let startups = if cli.only.iter().any(|only| only == "startup") {
+        Some(startup::measure(
+            &startup::subjects(cli.polyglot.as_deref()),
+            startup_sizes,
+        )?)
+    } else {
+        None
+    };
+
     let recording = if cli.only.iter().any(|only| only == "record") {
         Some(record::measure(
             &servers,
@@ -259,6 +273,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     }
     if let Some(recording) = &recording {
         record::print(recording);
+    }
+    if let Some(startups) = &startups {
+        startup::print(startups, startup_sizes);
     }
     println!();
     println!(
