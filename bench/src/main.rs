@@ -24,6 +24,7 @@ mod record;
 mod reload;
 mod report;
 mod rollout;
+mod startup;
 mod targets;
 
 use std::collections::HashMap;
@@ -69,7 +70,10 @@ struct Cli {
     /// calls into one instance of each echo component, weighing its memory;
     /// run only when named), rollout (the stable version's latency with no
     /// rollout, during a canary and in shadow mode; run only when named),
-    /// cpu (server CPU per message and tails against a C epoll server, each
+    /// startup (start-up to the first reply with an empty and a warm
+    /// compiled-code cache, and reloads back to a version already seen; run
+    /// only when named; give --polyglot for Python, JavaScript and C), cpu
+    /// (server CPU per message and tails against a C epoll server, each
     /// server in a process of its own). Repeatable.
     #[arg(long, value_name = "PART")]
     only: Vec<String>,
@@ -241,6 +245,16 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         None
     };
 
+    let startup_sizes = startup::Sizes::new(cli.quick);
+    let startups = if cli.only.iter().any(|only| only == "startup") {
+        Some(startup::measure(
+            &startup::subjects(cli.polyglot.as_deref()),
+            startup_sizes,
+        )?)
+    } else {
+        None
+    };
+
     let recording = if cli.only.iter().any(|only| only == "record") {
         Some(record::measure(
             &servers,
@@ -322,6 +336,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     }
     if let Some(rollouts) = &rollouts {
         rollout::print(rollouts);
+    }
+    if let Some(startups) = &startups {
+        startup::print(startups, startup_sizes);
     }
     println!();
     println!(

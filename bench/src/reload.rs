@@ -13,6 +13,12 @@
 //! renamed over the watched one. No log subscriber is installed, so the
 //! server's log lines cost nothing here.
 //!
+//! The server has a cache directory of the measurement's own. The
+//! throughput run is made twice: once with the compiled-code cache emptied
+//! before every swap, so that each swap compiles (at the lowest priority,
+//! beside the serving), and once with the cache left alone, so that each
+//! swap back to a version already seen loads its code from the cache.
+//!
 //! Starting the other targets and printing their tables is left to the rest
 //! of the harness; this module prints its own section.
 
@@ -98,16 +104,25 @@ pub struct Figures {
     pub by_control: Vec<Duration>,
     /// Control request sent to its answer.
     pub control_answer: Vec<Duration>,
+    /// The throughput runs: compiling every swap, then from the cache.
+    pub runs: Vec<Run>,
+    /// Replies during the throughput runs by `echo` and by `hello`.
+    pub replies: [u64; 2],
+    /// Datagrams without a reply within [`REPLY_TIMEOUT`], in every phase.
+    pub lost: u64,
+}
+
+/// One throughput run with swaps.
+#[derive(Debug, Default)]
+pub struct Run {
+    /// Whether every swap compiled (the cache emptied before each).
+    pub compiling: bool,
     /// Replies per window with no swap in progress.
     pub steady: Vec<u64>,
     /// Replies per window that overlaps a swap (request sent to answered).
     pub during: Vec<u64>,
-    /// Swaps during the throughput run.
-    pub swaps_in_run: usize,
-    /// Replies during the throughput run by `echo` and by `hello`.
-    pub replies: [u64; 2],
-    /// Datagrams without a reply within [`REPLY_TIMEOUT`], in every phase.
-    pub lost: u64,
+    /// Swaps during the run.
+    pub swaps: usize,
 }
 
 /// The two versions swapped.
@@ -152,6 +167,8 @@ struct Files {
     /// Where a new version is written before it is renamed over `watched`.
     next: PathBuf,
     control: PathBuf,
+    /// The server's cache directory.
+    cache: PathBuf,
 }
 
 impl Files {
@@ -163,6 +180,7 @@ impl Files {
             watched: dir.join("plugin.wasm"),
             next: dir.join("next.wasm"),
             control: dir.join("control.sock"),
+            cache: dir.join("cache"),
             dir,
         };
         for version in [Version::Echo, Version::Hello] {
@@ -170,6 +188,17 @@ impl Files {
         }
         write_synced(&files.watched, Version::Echo)?;
         Ok(files)
+    }
+
+    /// Empties the compiled-code cache, so that the next swap compiles.
+    fn forget_compiled(&self) -> anyhow::Result<()> {
+        let modules = self.cache.join("compiled").join("modules");
+        match std::fs::remove_dir_all(&modules) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                Err(error).with_context(|| format!("emptying {}", modules.display()))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A file holding `version`, for `reload --plugin PATH`.
@@ -223,12 +252,19 @@ pub fn measure(clients: &tokio::runtime::Runtime, sizes: Sizes) -> anyhow::Resul
         current = by_rename(udp, &files, sizes.swaps, current, &mut figures).await?;
         eprintln!("reload: {} swaps through the control socket", sizes.swaps);
         current = by_control(udp, &files, sizes.swaps, current, &mut figures).await?;
-        eprintln!(
-            "reload: throughput for {} s with a swap every {} ms",
-            sizes.run.as_secs(),
-            sizes.every.as_millis()
-        );
-        throughput(udp, &files, sizes, current, &mut figures).await?;
+        for compiling in [true, false] {
+            eprintln!(
+                "reload: throughput for {} s with a swap every {} ms{}",
+                sizes.run.as_secs(),
+                sizes.every.as_millis(),
+                if compiling {
+                    ", compiling each"
+                } else {
+                    ", from the cache"
+                }
+            );
+            current = throughput(udp, &files, sizes, current, compiling, &mut figures).await?;
+        }
         anyhow::Ok(figures)
     });
     server.shutdown_background();
@@ -243,7 +279,8 @@ async fn serve(files: &Files) -> anyhow::Result<SocketAddr> {
         .watched
         .to_str()
         .context("the temporary folder's path is not UTF-8")?;
-    let config = crate::targets::listener_config(plugin, 16)?;
+    let mut config = crate::targets::listener_config(plugin, 16)?;
+    config.cache_dir = Some(files.cache.clone());
     let operations = Operations {
         control: Some(files.control.clone()),
         control_socket: true,
@@ -369,14 +406,16 @@ async fn ask(control: PathBuf, plugin: PathBuf) -> anyhow::Result<Instant> {
 
 /// UDP ping-pong clients count replies per [`WINDOW`] while swaps happen
 /// through the control socket every `sizes.every`; windows overlapping a
-/// swap are set against the others.
+/// swap are set against the others. With `compiling`, the compiled-code
+/// cache is emptied before each swap. Returns the version left running.
 async fn throughput(
     udp: SocketAddr,
     files: &Files,
     sizes: Sizes,
     mut current: Version,
+    compiling: bool,
     figures: &mut Figures,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Version> {
     let windows = (sizes.run.as_millis() / WINDOW.as_millis()) as usize;
     let counts: Arc<Vec<AtomicU64>> = Arc::new((0..windows).map(|_| AtomicU64::new(0)).collect());
     let start = Instant::now();
@@ -419,6 +458,9 @@ async fn throughput(
     while at + sizes.every.min(SWAP_TIMEOUT) < end - WINDOW && swaps.len() < 1_000 {
         tokio::time::sleep_until(at.into()).await;
         let next = current.other();
+        if compiling {
+            files.forget_compiled()?;
+        }
         let sent = Instant::now();
         let answered = ask(files.control.clone(), files.copy_of(next)).await?;
         swaps.push((sent - start, answered - start));
@@ -432,7 +474,11 @@ async fn throughput(
         figures.lost += lost;
     }
 
-    figures.swaps_in_run = swaps.len();
+    let mut run = Run {
+        compiling,
+        swaps: swaps.len(),
+        ..Run::default()
+    };
     for (index, count) in counts.iter().enumerate().skip(WARMUP_WINDOWS) {
         let (from, to) = (WINDOW * index as u32, WINDOW * (index as u32 + 1));
         let count = count.load(Ordering::Relaxed);
@@ -440,12 +486,13 @@ async fn throughput(
             .iter()
             .any(|&(sent, answered)| sent < to && answered >= from)
         {
-            figures.during.push(count);
+            run.during.push(count);
         } else {
-            figures.steady.push(count);
+            run.steady.push(count);
         }
     }
-    Ok(())
+    figures.runs.push(run);
+    Ok(current)
 }
 
 /// Prints the figures as a Markdown section, ready for BENCHMARKS.md.
@@ -500,14 +547,40 @@ pub fn print(figures: &Figures) {
     );
     println!();
 
-    let mut steady = figures.steady.clone();
+    for run in &figures.runs {
+        print_run(run);
+    }
+    println!(
+        "{} swaps during the runs; replies by `echo` {}, by `hello` {}; {} datagram(s) without a \
+         reply in {} ms over every phase.",
+        figures.runs.iter().map(|run| run.swaps).sum::<usize>(),
+        figures.replies[0],
+        figures.replies[1],
+        figures.lost,
+        REPLY_TIMEOUT.as_millis()
+    );
+}
+
+/// One throughput run's table: windows with no swap against those that
+/// overlap one.
+fn print_run(run: &Run) {
+    let mut steady = run.steady.clone();
     steady.sort_unstable();
     let steady_median = quantile(&steady, 0.5).unwrap_or(0);
     let steady_p10 = quantile(&steady, 0.1).unwrap_or(0);
-    let during_mean =
-        figures.during.iter().sum::<u64>() as f64 / figures.during.len().max(1) as f64;
-    let during_min = figures.during.iter().copied().min().unwrap_or(0);
+    let during_mean = run.during.iter().sum::<u64>() as f64 / run.during.len().max(1) as f64;
+    let during_min = run.during.iter().copied().min().unwrap_or(0);
     let share = |value: f64| 100.0 * value / (steady_median.max(1) as f64);
+    println!(
+        "{} swaps, {}:",
+        run.swaps,
+        if run.compiling {
+            "each compiling the new version (cache emptied before each)"
+        } else {
+            "each loading a version already seen from the compiled-code cache"
+        }
+    );
+    println!();
     println!(
         "| replies per {} ms window | windows | replies | of steady median |",
         WINDOW.as_millis()
@@ -523,7 +596,7 @@ pub fn print(figures: &Figures) {
     );
     println!(
         "| overlapping a swap, mean | {} | {during_mean:.0} | {:.1}% |",
-        figures.during.len(),
+        run.during.len(),
         share(during_mean)
     );
     println!(
@@ -531,15 +604,6 @@ pub fn print(figures: &Figures) {
         share(during_min as f64)
     );
     println!();
-    println!(
-        "{} swaps during the run; replies by `echo` {}, by `hello` {}; {} datagram(s) without a \
-         reply in {} ms over every phase.",
-        figures.swaps_in_run,
-        figures.replies[0],
-        figures.replies[1],
-        figures.lost,
-        REPLY_TIMEOUT.as_millis()
-    );
 }
 
 /// Median and maximum, in milliseconds.

@@ -54,6 +54,20 @@ impl CacheDir {
         })
     }
 
+    /// Opens the [default](CacheDir::default_path) cache directory, for
+    /// whatever was not told where its cache is. `None` when there is no
+    /// default or it cannot be used: that is said once in the log, and the
+    /// caller runs without a cache (slower, never wrong).
+    pub fn open_default() -> Option<Self> {
+        let Some(dir) = Self::default_path() else {
+            tracing::warn!("no cache: the environment names no home directory (set --cache-dir)");
+            return None;
+        };
+        Self::open(&dir)
+            .inspect_err(|error| tracing::warn!("no cache: {error} (set --cache-dir)"))
+            .ok()
+    }
+
     /// The directory's path.
     pub fn path(&self) -> &Path {
         &self.path

@@ -59,7 +59,8 @@ pub async fn check(runtime: &Runtime, source: &PluginSource) -> anyhow::Result<S
 /// key and the reason.
 pub async fn check_config(path: &Path) -> anyhow::Result<String> {
     let config = ServerConfig::from_file(path)?;
-    let mut runtime = Runtime::with_pool(config.pool_size())?;
+    let cache = crate::server::open_cache(&config)?;
+    let mut runtime = Runtime::with_cache(config.pool_size(), cache)?;
     runtime.set_max_plugin_size(config.max_plugin_size);
     let cache = match &config.cache_dir {
         Some(dir) => Some(crate::cache::CacheDir::open(dir)?),

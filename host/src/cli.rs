@@ -89,20 +89,20 @@ struct RegistryArgs {
 impl RegistryArgs {
     /// A runtime that reaches registries as these flags say.
     fn runtime(&self, max_plugin_size: u64) -> anyhow::Result<Runtime> {
-        let mut runtime = Runtime::new()?;
-        runtime.set_max_plugin_size(max_plugin_size);
         let dir = match &self.cache_dir {
             Some(dir) => dir.clone(),
             None => crate::cache::CacheDir::default_path()
                 .context("the environment names no home directory: set --cache-dir")?,
         };
         let cache = crate::cache::CacheDir::open(&dir)?;
+        let mut runtime =
+            Runtime::with_cache(crate::plugin::PoolSize::default(), Some(cache.clone()))?;
+        runtime.set_max_plugin_size(max_plugin_size);
         runtime.set_registry(crate::registry::access(
             &self.insecure_registries,
             self.registry_auth.as_deref(),
             Some(&cache),
         )?);
-        runtime.set_cache(cache);
         Ok(runtime)
     }
 }
@@ -849,7 +849,8 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let runtime = match &source {
         PluginSource::Oci(_) => args.registry.runtime(max)?,
         _ => {
-            let mut runtime = Runtime::new()?;
+            let cache = crate::cache::CacheDir::open_default();
+            let mut runtime = Runtime::with_cache(crate::plugin::PoolSize::default(), cache)?;
             runtime.set_max_plugin_size(max);
             runtime
         }

@@ -106,11 +106,8 @@ impl Server {
     pub async fn bind(config: ServerConfig, operations: Operations) -> anyhow::Result<Self> {
         let metrics = bind_metrics(&operations).await?;
         // The instance pool is sized once, for every listener's limits.
-        let mut runtime = Runtime::with_pool(config.pool_size())?;
+        let mut runtime = Runtime::with_cache(config.pool_size(), open_cache(&config)?)?;
         runtime.set_max_plugin_size(config.max_plugin_size);
-        if let Some(cache) = open_cache(&config)? {
-            runtime.set_cache(cache);
-        }
         runtime.set_registry(crate::registry::access(
             &config.insecure_registries,
             config.registry_auth.as_deref(),
@@ -493,23 +490,13 @@ impl Serving {
 ///
 /// The operator's `cache-dir` cannot be made, or is not private to this
 /// user.
-fn open_cache(config: &ServerConfig) -> anyhow::Result<Option<CacheDir>> {
+pub(crate) fn open_cache(config: &ServerConfig) -> anyhow::Result<Option<CacheDir>> {
     if let Some(dir) = &config.cache_dir {
         let cache =
             CacheDir::open(dir).map_err(|error| config.origin.error(None, "cache-dir", error))?;
         return Ok(Some(cache));
     }
-    let Some(dir) = CacheDir::default_path() else {
-        tracing::warn!("no cache: the environment names no home directory (set --cache-dir)");
-        return Ok(None);
-    };
-    match CacheDir::open(&dir) {
-        Ok(cache) => Ok(Some(cache)),
-        Err(error) => {
-            tracing::warn!("no cache: {error} (set --cache-dir)");
-            Ok(None)
-        }
-    }
+    Ok(CacheDir::open_default())
 }
 
 /// Installs the recorder and binds `/metrics`, if asked for.

@@ -28,6 +28,17 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 /// until CI's limit.
 pub const SERVER_LIFETIME: Duration = Duration::from_secs(300);
 
+/// `XDG_CACHE_HOME` for every server and command the suite starts, unless
+/// a test sets its own (or passes `--cache-dir`): a folder under target/,
+/// so that compiled code outlives a run of the suite (a JavaScript plugin
+/// compiles for a minute on a busy machine, then loads from the cache in
+/// under a second) and tests never write into the user's own cache.
+/// Sharing it is safe: entries are keyed by the component's bytes and the
+/// engine's settings, and written whole or not at all.
+pub fn shared_cache_home() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cache-home")
+}
+
 /// Runs `wasm-echo ARGS` to completion, failing the test if it has not
 /// finished within [`PATIENCE`]: a regression that makes a command hang
 /// (a `serve` that starts on bad input, a read that never ends) fails its
@@ -39,7 +50,10 @@ pub fn run(args: &[&str]) -> Output {
 /// [`run`], in folder `dir`.
 pub fn run_in(dir: &std::path::Path, args: &[&str]) -> Output {
     let mut command = Command::new(BIN);
-    command.current_dir(dir).args(args);
+    command
+        .current_dir(dir)
+        .env("XDG_CACHE_HOME", shared_cache_home())
+        .args(args);
     run_command(command)
 }
 
@@ -272,6 +286,7 @@ impl Server {
 
     fn spawn(args: &[&str], expected: usize, env: &[(&str, &std::ffi::OsStr)]) -> Self {
         let mut command = Command::new(BIN);
+        command.env("XDG_CACHE_HOME", shared_cache_home());
         command.envs(env.iter().copied());
         command.arg("serve").args(args).stdin(Stdio::null());
         Self::from_command(command, expected)

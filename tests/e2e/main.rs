@@ -7,6 +7,8 @@ mod common;
 mod admin;
 /// Command-line errors: each bad input gets one clear line.
 mod cli;
+/// The compiled-code cache: second starts and reloads back load, damaged entries recompile.
+mod compile_cache;
 /// Configuration files: every mistake refused before anything binds.
 mod config;
 /// The counter plugin: per-connection and per-peer state.

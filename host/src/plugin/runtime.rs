@@ -18,6 +18,15 @@
 //! instance per connection cheap, and what keeps 10,000 of them within the
 //! kernel's limit on mappings. Each instance still has its own slot: nothing
 //! is shared between connections or tenants.
+//!
+//! Compiled code is kept between runs by wasmtime's own compilation cache,
+//! in `<cache-dir>/compiled`, when the runtime is given a cache directory
+//! ([`Runtime::with_cache`]). wasmtime keys each entry by the component's
+//! bytes, the engine's settings and wasmtime's version, so an entry is only
+//! ever used by an engine that would have compiled the same code; an entry
+//! it cannot read (truncated, not zstd, not code for this engine) is
+//! compiled afresh and overwritten. What lies in the cache directory is run,
+//! which is why [`CacheDir`] holds it to the private-to-the-user rule.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -27,7 +36,10 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest, Sha256};
 
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{
+    Cache, CacheConfig, Config, Enabled, Engine, InstanceAllocationStrategy,
+    PoolingAllocationConfig,
+};
 
 use super::host::{self, HostState};
 use super::output::{escape, fold_lines};
@@ -43,6 +55,11 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// before it parks. Calls shorter than a tick are mostly not seen, so under
 /// steady traffic it parks about this often and the next call wakes it.
 const LINGER: Duration = Duration::from_millis(100);
+
+/// The subdirectory of the cache directory that holds compiled code. It
+/// is wasmtime's alone: its cache worker deletes any file in it that it did
+/// not write.
+pub const COMPILED: &str = "compiled";
 
 /// The size of a WebAssembly page.
 const WASM_PAGE: usize = 64 << 10;
@@ -157,6 +174,10 @@ pub struct Runtime {
     /// How `oci://` plugins are fetched: registries, credentials and the
     /// blob cache.
     registry: RegistryAccess,
+    /// The engine's compiled-code cache, kept here for its hit count: how
+    /// [`Runtime::load`] tells code loaded from the cache from code it
+    /// compiled.
+    compiled: Option<Cache>,
 }
 
 /// The epoch ticker's handle. The runtime and every plugin it loaded hold
@@ -261,7 +282,8 @@ impl TickerState {
 }
 
 impl Runtime {
-    /// A runtime whose pool fits one listener with the default limits.
+    /// A runtime whose pool fits one listener with the default limits,
+    /// compiling every plugin afresh.
     ///
     /// # Errors
     ///
@@ -270,16 +292,46 @@ impl Runtime {
         Self::with_pool(PoolSize::default())
     }
 
-    /// Configures the engine with an instance pool of `pool`'s size, links
-    /// the capabilities and starts the ticker.
+    /// A runtime with an instance pool of `pool`'s size that compiles every
+    /// plugin afresh (tests, and whatever has no cache directory).
+    ///
+    /// # Errors
+    ///
+    /// As for [`Runtime::with_cache`].
+    pub fn with_pool(pool: PoolSize) -> anyhow::Result<Self> {
+        Self::with_cache(pool, None)
+    }
+
+    /// Configures the engine with an instance pool of `pool`'s size and,
+    /// given a `cache`, a compiled-code cache in its `compiled`
+    /// subdirectory; links the capabilities and starts the ticker. The
+    /// engine is built knowing its cache because wasmtime fixes the cache
+    /// with the rest of the engine's configuration.
     ///
     /// # Errors
     ///
     /// Fails if wasmtime rejects the configuration on this machine (for
-    /// instance when the pool's address space cannot be reserved).
-    pub fn with_pool(pool: PoolSize) -> anyhow::Result<Self> {
+    /// instance when the pool's address space cannot be reserved), or if
+    /// `compiled` cannot be made private to this user.
+    pub fn with_cache(pool: PoolSize, cache: Option<CacheDir>) -> anyhow::Result<Self> {
         let pool = pool.fitted();
         let mut config = Config::new();
+        let compiled = match &cache {
+            Some(cache) => {
+                let compiled = cache.subdir(COMPILED)?;
+                let mut settings = CacheConfig::new();
+                settings.with_directory(compiled.path());
+                let compiled = Cache::new(settings).map_err(|e| {
+                    anyhow::anyhow!(
+                        "compiled-code cache in {}: {e:#}",
+                        compiled.path().display()
+                    )
+                })?;
+                config.cache(Some(compiled.clone()));
+                Some(compiled)
+            }
+            None => None,
+        };
         config.epoch_interruption(true);
         // A memory slot is as large as the largest memory limit rather than
         // the usual 4 GiB, so that tens of thousands of slots fit in the
@@ -337,7 +389,8 @@ impl Runtime {
             linker,
             ticker: Arc::new(ticker),
             max_plugin_bytes: super::DEFAULT_MAX_PLUGIN_SIZE,
-            cache: None,
+            cache,
+            compiled,
             registry: RegistryAccess::new([], Credentials::default(), None),
         })
     }
@@ -345,11 +398,6 @@ impl Runtime {
     /// Refuses component files larger than `bytes` from now on.
     pub fn set_max_plugin_size(&mut self, bytes: u64) {
         self.max_plugin_bytes = bytes;
-    }
-
-    /// Keeps what is fetched and compiled from now on in `cache`.
-    pub fn set_cache(&mut self, cache: CacheDir) {
-        self.cache = Some(cache);
     }
 
     /// The server's cache directory, if it has one.
@@ -448,16 +496,40 @@ impl Runtime {
             });
         }
         let compiling = std::time::Instant::now();
+        let before = self
+            .compiled
+            .as_ref()
+            .map(|cache| (cache.cache_hits(), cache.cache_misses()));
         let component = Component::new(&self.engine, &bytes).map_err(|e| LoadError::Compile {
             plugin: source.clone(),
             reason: one_line(&e),
             source: e.into(),
         })?;
-        tracing::debug!(
-            "compiled {source} ({} bytes) in {:.1?}",
-            bytes.len(),
-            compiling.elapsed()
-        );
+        // wasmtime counts a hit once an entry was read and accepted, and a
+        // miss once fresh code was written. Loads in one process run one at
+        // a time (start-up loads in turn, reloads are serialised), so a
+        // count that moved is this load's.
+        let (hit, kept) = match (&self.compiled, before) {
+            (Some(cache), Some((hits, misses))) => {
+                (cache.cache_hits() > hits, cache.cache_misses() > misses)
+            }
+            _ => (false, false),
+        };
+        let (size, took) = (bytes.len(), compiling.elapsed());
+        match (hit, kept, self.compiled.is_some()) {
+            (true, _, _) => tracing::debug!(
+                "compiled code for {source} ({size} bytes) loaded from the cache in {took:.1?}"
+            ),
+            (false, true, _) => {
+                tracing::debug!("compiled {source} ({size} bytes) in {took:.1?}; kept in the cache")
+            }
+            (false, false, true) => tracing::debug!(
+                "compiled {source} ({size} bytes) in {took:.1?}; the cache could not keep it"
+            ),
+            (false, false, false) => {
+                tracing::debug!("compiled {source} ({size} bytes) in {took:.1?}")
+            }
+        }
 
         let link_error = |e: wasmtime::Error| LoadError::Link {
             plugin: source.clone(),

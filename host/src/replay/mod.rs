@@ -185,11 +185,14 @@ pub async fn replay(options: &Options) -> anyhow::Result<Report> {
     // Replays are sequential: a connection's instance and each listener's
     // UDP instance are all that live at once.
     let limits = Limits::default();
-    let runtime = Runtime::with_pool(PoolSize::sized(
-        recording.plugin_config.len().max(1) * 2 + 2,
-        limits.memory_bytes,
-        limits.table_elements,
-    ))?;
+    let runtime = Runtime::with_cache(
+        PoolSize::sized(
+            recording.plugin_config.len().max(1) * 2 + 2,
+            limits.memory_bytes,
+            limits.table_elements,
+        ),
+        crate::cache::CacheDir::open_default(),
+    )?;
     let plugin = Arc::new(runtime.load(&options.plugin)?);
     let replayed = run(&plugin, &recording, &options.settings).await;
     let baseline = match &options.baseline {
