@@ -21,6 +21,14 @@ scripts/build-polyglot.sh target/polyglot/out
 # minutes, not at CI's limit. Each server a test starts is bounded too
 # (tests/e2e/common.rs, SERVER_LIFETIME), and so is each command it runs.
 cargo test --release --no-run
+# The Python and JavaScript components take seconds each to compile: do it
+# once here, one at a time, into the compiled-code cache the tests share
+# (tests/e2e/common.rs, shared_cache_home), so that tests running side by
+# side start them from the cache instead of compiling the same component
+# at once against their start-up limit.
+for component in target/polyglot/out/*.wasm; do
+    XDG_CACHE_HOME=$PWD/target/tmp/cache-home target/release/wasm-echo check "$component" >/dev/null
+done
 WASM_ECHO_POLYGLOT_DIR=$PWD/target/polyglot/out \
     timeout --kill-after=30s 20m cargo test --release
 # The benchmark harness, once and small, so that it cannot rot unnoticed.
