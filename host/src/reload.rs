@@ -381,22 +381,7 @@ impl Reloader {
         requested: Option<&PluginSource>,
     ) -> Result<Vec<Swap>, ReloadError> {
         let tenants: Vec<&Arc<Tenant>> = match listener {
-            Some(name) => {
-                let tenant = self
-                    .tenants
-                    .iter()
-                    .find(|tenant| tenant.name() == name)
-                    .ok_or_else(|| ReloadError::UnknownListener {
-                        name: name.to_owned(),
-                        known: self
-                            .tenants
-                            .iter()
-                            .map(|t| t.name())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    })?;
-                vec![tenant]
-            }
+            Some(name) => vec![self.tenant(name)?],
             None => self.tenants.iter().collect(),
         };
         if let Some(PluginSource::File(path)) = requested
