@@ -119,7 +119,7 @@ pub async fn serve(
             tenant: tenant.clone(),
             stop: stop.clone(),
             hard_stop: Box::pin(hard_stop.clone().cancelled_owned()),
-            _permit: permit,
+            permit: Some(permit),
             recorded: tenant.recorder().and_then(Recorder::connection),
             early: BytesMut::new(),
         };
@@ -165,8 +165,11 @@ struct ConnectionTask {
     /// a fresh `cancelled()` per read or write would register and unregister
     /// a waiter (a lock each) every time.
     hard_stop: Pin<Box<WaitForCancellationFutureOwned>>,
-    /// This connection's place under the tenant's `max-connections`.
-    _permit: OwnedSemaphorePermit,
+    /// This connection's place under the tenant's `max-connections`, given
+    /// back once the plugin's `on-close` has run, just before the
+    /// connection is counted closed: a connection counted closed has freed
+    /// its place.
+    permit: Option<OwnedSemaphorePermit>,
     /// Its number in the tenant's recording, if it is recorded: a sampled
     /// connection is recorded whole.
     recorded: Option<u64>,
@@ -285,7 +288,7 @@ impl ConnectionTask {
         };
         tenant.metrics().opened();
         let end = self.exchange(&mut session).await;
-        tenant.metrics().closed(match &end {
+        let reason = match &end {
             End::PeerClosed => CloseReason::Peer,
             End::PluginClosed => CloseReason::Plugin,
             End::Shutdown | End::Abandoned => CloseReason::Shutdown,
@@ -294,7 +297,7 @@ impl ConnectionTask {
             End::Io(_) => CloseReason::Io,
             End::Protocol(_) => CloseReason::Protocol,
             End::Failed(_) => CloseReason::Failed,
-        });
+        };
         let version = session.version();
         let version = &*version;
         // After the grace period the plugin gets no more calls: shutdown
@@ -310,6 +313,12 @@ impl ConnectionTask {
                 tracing::warn!(listener, %peer, version, "on-close failed: {error}");
             }
         }
+        // Regression (metrics::rejections_closes_failures_…): the gauge of
+        // open connections fell before on-close ran and the place was given
+        // back, so a client that waited for it to fall could still be
+        // refused for want of a place.
+        drop(self.permit.take());
+        tenant.metrics().closed(reason);
         match end {
             End::Failed(reason) => {
                 if tenant.warnings().admit("connection closed (plugin failed)") {
