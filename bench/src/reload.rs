@@ -31,10 +31,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::net::UdpSocket;
 use tokio::time::timeout;
-use wasm_echo::config::Protocol;
 use wasm_echo::control::{self, Request};
 use wasm_echo::plugin::PluginSource;
-use wasm_echo::server::{Operations, Server};
+use wasm_echo::server::Operations;
 
 use crate::load::{nanos, quantile};
 
@@ -287,15 +286,7 @@ async fn serve(files: &Files) -> anyhow::Result<SocketAddr> {
         watch: true,
         ..Operations::default()
     };
-    let server = Server::bind(config, operations).await?;
-    let udp = server
-        .local_addrs()
-        .into_iter()
-        .find(|(_, protocol, _)| *protocol == Protocol::Udp)
-        .map(|(_, _, addr)| addr)
-        .context("the server bound no UDP socket")?;
-    tokio::spawn(server.run(std::future::pending()));
-    Ok(udp)
+    crate::targets::serve_udp(config, operations).await
 }
 
 async fn client(server: SocketAddr) -> anyhow::Result<UdpSocket> {

@@ -18,9 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::net::UdpSocket;
 use tokio::time::timeout;
-use wasm_echo::config::Protocol;
 use wasm_echo::control::{self, Request};
-use wasm_echo::server::{Operations, Server};
+use wasm_echo::server::Operations;
 
 use crate::load::{nanos, quantile};
 
@@ -204,14 +203,7 @@ fn start(
             control_socket: keep.is_some(),
             ..Operations::default()
         };
-        let server = Server::bind(config, operations).await?;
-        let udp = server
-            .local_addrs()
-            .into_iter()
-            .find(|(_, protocol, _)| *protocol == Protocol::Udp)
-            .map(|(_, _, addr)| addr)
-            .context("the server bound no UDP socket")?;
-        tokio::spawn(server.run(std::future::pending()));
+        let udp = crate::targets::serve_udp(config, operations).await?;
         first_reply(udp, PROBE).await?;
         anyhow::Ok(udp)
     })?;

@@ -180,3 +180,22 @@ pub async fn plain_tokio() -> anyhow::Result<Addrs> {
     });
     Ok(addrs)
 }
+
+/// Binds a wasm-echo server from `config` with `operations`, starts it on
+/// the current runtime (until the runtime is dropped) and returns its UDP
+/// address.
+///
+/// # Errors
+///
+/// A server that does not bind, or binds no UDP socket.
+pub async fn serve_udp(config: ServerConfig, operations: Operations) -> anyhow::Result<SocketAddr> {
+    let server = Server::bind(config, operations).await?;
+    let udp = server
+        .local_addrs()
+        .into_iter()
+        .find(|(_, protocol, _)| *protocol == Protocol::Udp)
+        .map(|(_, _, addr)| addr)
+        .context("the server bound no UDP socket")?;
+    tokio::spawn(server.run(std::future::pending()));
+    Ok(udp)
+}
