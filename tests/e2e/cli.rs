@@ -145,12 +145,9 @@ fn check_reports_contract_imports_and_exports() {
 
 #[test]
 fn the_client_says_when_nothing_answers() {
-    // A port that was just free: nothing listens on it.
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .to_string();
+    // Nothing listens on it: not an ephemeral port another test's client
+    // could be given meanwhile.
+    let addr = crate::common::free_port().to_string();
     let output = run(&["client", "tcp", &addr]);
     one_line_error(&output, &["nothing listens on tcp", "connection refused"]);
 

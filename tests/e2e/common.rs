@@ -478,19 +478,34 @@ pub fn scratch_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
     path
 }
 
-/// An address on 127.0.0.1 that was free a moment ago for both UDP and TCP.
-/// Regression: it was only checked for TCP, so a test binding both
-/// protocols on it failed now and then with "address in use" when another
-/// test's UDP socket had the same port.
+/// An address on 127.0.0.1 that was free a moment ago for both UDP and TCP,
+/// for a server a test starts later.
+///
+/// Regressions it guards against, both seen as "address in use":
+/// - it was only checked for TCP, so a test binding both protocols on it
+///   failed when another test's UDP socket had the same port;
+/// - it was a port the kernel picked (bound to port 0, then let go), so
+///   between that and the server binding it, any client socket of a test
+///   running beside it could be given the same ephemeral port. The ports
+///   handed out now lie below the kernel's ephemeral range (32768 and up
+///   on Linux), which no socket bound to port 0 is ever given, and each
+///   is handed out once per test process.
 pub fn free_port() -> SocketAddr {
-    for _ in 0..100 {
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-        let addr = udp.local_addr().expect("addr");
-        if std::net::TcpListener::bind(addr).is_ok() {
+    use std::sync::atomic::AtomicU16;
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    // Test processes that run side by side start at different places.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(SPAN)) as u16;
+    for _ in 0..1_000 {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = FIRST + (start.wrapping_add(step.wrapping_mul(7))) % SPAN;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if UdpSocket::bind(addr).is_ok() && std::net::TcpListener::bind(addr).is_ok() {
             return addr;
         }
     }
-    panic!("no port on 127.0.0.1 free for both UDP and TCP in 100 tries");
+    panic!("no port on 127.0.0.1 between 20000 and 32000 free for both UDP and TCP in 1,000 tries");
 }
 
 /// A UDP socket on 127.0.0.1 connected to `server`.
