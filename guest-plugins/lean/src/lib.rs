@@ -15,21 +15,27 @@
 //!
 //! A plugin opts in with `#![no_std]`, `extern crate alloc;` and
 //! `use lean as _;` (the last so that the items below are linked).
-#![no_std]
+//!
+//! Under `cfg(test)` (`clippy --all-targets` builds a test harness, which
+//! brings std and std's own handler and allocator) it gives nothing.
+#![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
 
 // `memcmp`, `memcpy` and the like: on this target compiler-builtins leaves
 // them to the WASI C library, so it is linked as std would link it. Only the
 // routines a plugin calls are taken from it, and those import nothing.
+#[cfg(not(test))]
 #[link(name = "c")]
 unsafe extern "C" {}
 
 /// The allocator std uses on this target, minus std.
+#[cfg(not(test))]
 #[global_allocator]
 static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
 
 /// A panic traps: the host ends the call and drops the instance.
+#[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     core::arch::wasm32::unreachable()
@@ -45,6 +51,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 /// Called by the host per the canonical ABI: `old_ptr` and `old_len` are
 /// zero or an earlier allocation of this function with alignment `align`,
 /// and `align` is a power of two.
+#[cfg(not(test))]
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cabi_realloc(
     old_ptr: *mut u8,
