@@ -75,7 +75,8 @@ fn build() -> Result<(), String> {
     for path in ["Cargo.toml", "Cargo.lock", ".cargo"] {
         println!("cargo::rerun-if-changed={}", guests.join(path).display());
     }
-    for name in BUILTIN.iter().chain(TEST_ONLY) {
+    // `lean` is the std-less runtime some plugins link.
+    for name in BUILTIN.iter().chain(TEST_ONLY).chain(&["lean"]) {
         println!("cargo::rerun-if-changed={}", guests.join(name).display());
     }
     println!("cargo::rerun-if-changed={}", root.join("wit").display());

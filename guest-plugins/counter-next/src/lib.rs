@@ -13,6 +13,9 @@
 //! Its `leak-bytes` setting makes every message leak that many bytes, as a
 //! garbage-collected runtime's heap can, for the tests of instance renewal.
 
+// `counts` names `alloc`, for `counter`'s sake.
+extern crate alloc;
+
 mod bindings {
     wit_bindgen::generate!({ path: "../../wit", world: "stateful-plugin" });
 }

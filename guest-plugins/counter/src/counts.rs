@@ -4,44 +4,46 @@
 //!
 //! Schema 1 is text, one count a line: the connection's message count
 //! first, then `ip:port count` for each UDP peer.
+//!
+//! It uses `core` and `alloc` only: `counter` does without std (see
+//! `lean`), `counter-next` does not. An instance runs one call at a time
+//! on one thread, so the locks below are never contended; they are there
+//! because a `static` must be `Sync`.
 
-use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use alloc::borrow::ToOwned;
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// The format [`encode`] writes and [`decode`] reads.
 pub const SCHEMA: u32 = 1;
 
-thread_local! {
-    /// Messages seen on this instance's TCP connection.
-    static MESSAGES: Cell<u64> = const { Cell::new(0) };
-    /// Datagrams seen per peer (`ip:port`) on this instance's UDP listener.
-    static PEERS: RefCell<BTreeMap<String, u64>> = const { RefCell::new(BTreeMap::new()) };
-}
+/// Messages seen on this instance's TCP connection.
+static MESSAGES: AtomicU64 = AtomicU64::new(0);
+/// Datagrams seen per peer (`ip:port`) on this instance's UDP listener.
+static PEERS: spin::Mutex<BTreeMap<String, u64>> = spin::Mutex::new(BTreeMap::new());
 
 /// Counts one more datagram from `peer` and returns its count.
 pub fn datagram(peer: String) -> u64 {
-    PEERS.with_borrow_mut(|peers| {
-        let count = peers.entry(peer).or_insert(0);
-        *count += 1;
-        *count
-    })
+    let mut peers = PEERS.lock();
+    let count = peers.entry(peer).or_insert(0);
+    *count += 1;
+    *count
 }
 
 /// Counts one more message on the connection and returns the count.
 pub fn message() -> u64 {
-    let count = MESSAGES.get() + 1;
-    MESSAGES.set(count);
-    count
+    MESSAGES.fetch_add(1, Ordering::Relaxed) + 1
 }
 
 /// The counts, in schema 1.
 pub fn encode() -> Vec<u8> {
-    let mut text = format!("{}\n", MESSAGES.get());
-    PEERS.with_borrow(|peers| {
-        for (peer, count) in peers {
-            text.push_str(&format!("{peer} {count}\n"));
-        }
-    });
+    let mut text = format!("{}\n", MESSAGES.load(Ordering::Relaxed));
+    for (peer, count) in PEERS.lock().iter() {
+        text.push_str(&format!("{peer} {count}\n"));
+    }
     text.into_bytes()
 }
 
@@ -56,7 +58,7 @@ pub fn decode(schema: u32, data: &[u8]) -> Result<(), String> {
             "unknown schema {schema} (this version reads {SCHEMA})"
         ));
     }
-    let text = std::str::from_utf8(data).map_err(|e| format!("not text: {e}"))?;
+    let text = core::str::from_utf8(data).map_err(|e| format!("not text: {e}"))?;
     let mut lines = text.lines();
     let messages = lines
         .next()
@@ -70,7 +72,7 @@ pub fn decode(schema: u32, data: &[u8]) -> Result<(), String> {
             .ok_or_else(|| format!("not `peer count`: {line:?}"))?;
         peers.insert(peer.to_owned(), count);
     }
-    MESSAGES.set(messages);
-    PEERS.set(peers);
+    MESSAGES.store(messages, Ordering::Relaxed);
+    *PEERS.lock() = peers;
     Ok(())
 }

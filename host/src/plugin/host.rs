@@ -167,7 +167,16 @@ pub struct HostState {
     /// The epoch ticker driving this instance's deadlines, told of each
     /// call so that it ticks only while calls run.
     pub(super) ticker: Arc<Ticker>,
-    wasi: WasiCtx,
+    /// The instance's WASI context, built the first time the guest calls
+    /// into WASI. Most calls never do (a plugin written without std
+    /// imports nothing from WASI, and a Rust one with std only reaches it
+    /// to print), and building it costs a dozen boxed values per
+    /// connection: its streams, clocks and random sources.
+    wasi: Option<WasiCtx>,
+    /// The seed of a replayed instance's random sources, drawn when the
+    /// instance is made (not when its WASI context is), so that each
+    /// instance of a replay gets the same seed every time.
+    seed: Option<u64>,
     table: ResourceTable,
     /// The linear memory the instance holds, all its memories together:
     /// what its memory cap is measured against, kept for whoever weighs
@@ -181,6 +190,32 @@ impl HostState {
         plugin: Arc<str>,
         ticker: Arc<Ticker>,
     ) -> Self {
+        let seed = match &settings.clocks {
+            Clocks::Real => None,
+            Clocks::Recorded(time) => Some(time.seed()),
+        };
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_HANDLES);
+        Self {
+            settings,
+            plugin,
+            peer: None,
+            call_started: Instant::now(),
+            ticker,
+            wasi: None,
+            seed,
+            table,
+            memory_bytes: 0,
+        }
+    }
+
+    /// The locked-down WASI context described at the top of this module,
+    /// for an instance of `plugin` with `settings` (and `seed`, replayed).
+    fn build_wasi(
+        settings: &Arc<InstanceSettings>,
+        plugin: &Arc<str>,
+        seed: Option<u64>,
+    ) -> WasiCtx {
         let sink = |stream| GuestOutput {
             settings: settings.clone(),
             plugin: plugin.clone(),
@@ -193,32 +228,19 @@ impl HostState {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .max_random_size(MAX_RANDOM_BYTES);
-        match &settings.clocks {
-            Clocks::Real => {
-                wasi.wall_clock(CoarseClock).monotonic_clock(CoarseClock);
-            }
-            Clocks::Recorded(time) => {
-                let seed = time.seed();
+        match (&settings.clocks, seed) {
+            (Clocks::Recorded(time), Some(seed)) => {
                 wasi.wall_clock(RecordedClock(time.clone()))
                     .monotonic_clock(RecordedClock(time.clone()))
                     .secure_random(StdRng::seed_from_u64(seed))
                     .insecure_random(StdRng::seed_from_u64(seed ^ INSECURE_SEED))
                     .insecure_random_seed(u128::from(seed));
             }
+            _ => {
+                wasi.wall_clock(CoarseClock).monotonic_clock(CoarseClock);
+            }
         }
-        let wasi = wasi.build();
-        let mut table = ResourceTable::new();
-        table.set_max_capacity(MAX_HANDLES);
-        Self {
-            settings,
-            plugin,
-            peer: None,
-            call_started: Instant::now(),
-            ticker,
-            wasi,
-            table,
-            memory_bytes: 0,
-        }
+        wasi.build()
     }
 
     /// What the instance was started with.
@@ -269,8 +291,11 @@ pub fn capabilities(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        let (settings, plugin, seed) = (&self.settings, &self.plugin, self.seed);
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx: self
+                .wasi
+                .get_or_insert_with(|| Self::build_wasi(settings, plugin, seed)),
             table: &mut self.table,
         }
     }

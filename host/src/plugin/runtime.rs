@@ -340,6 +340,18 @@ impl Runtime {
         let memory_bytes = pool.memory_bytes.next_multiple_of(WASM_PAGE);
         config.memory_reservation(memory_bytes as u64);
         config.memory_init_cow(true);
+        // Since bounds are checked explicitly anyway, no part of a slot is
+        // left inaccessible for the hardware to catch: no guard region, and
+        // traps are found by checks in the code rather than by signals.
+        // Otherwise, every instance that grew its memory (a Rust guest's
+        // allocator always does) would have its slot's protection put back
+        // with `mprotect` when the slot is next used, and each of those
+        // flushes the TLB of every core running the server: that was the
+        // largest single cost of a short connection (issue 15). The slot's
+        // contents are still reset between instances, and a guest still
+        // cannot reach past its own memory's size.
+        config.memory_guard_size(0);
+        config.signals_based_traps(false);
         let mut pooling = PoolingAllocationConfig::new();
         pooling
             .total_component_instances(pool.instances)
