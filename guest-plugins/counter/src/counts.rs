@@ -18,12 +18,16 @@ thread_local! {
     static PEERS: RefCell<BTreeMap<String, u64>> = const { RefCell::new(BTreeMap::new()) };
 }
 
-/// Counts one more datagram from `peer` and returns its count.
-pub fn datagram(peer: String) -> u64 {
+/// Counts one more datagram from `peer` (`ip:port`) and returns its count,
+/// making the peer's key only for its first datagram.
+pub fn datagram_of(peer: &str) -> u64 {
     PEERS.with_borrow_mut(|peers| {
-        let count = peers.entry(peer).or_insert(0);
-        *count += 1;
-        *count
+        if let Some(count) = peers.get_mut(peer) {
+            *count += 1;
+            return *count;
+        }
+        peers.insert(peer.to_owned(), 1);
+        1
     })
 }
 
