@@ -286,13 +286,13 @@ fn admit(tenant: &Tenant, peer: SocketAddr, data: &[u8]) -> bool {
 /// Logs (within the tenant's warning budget) that a plugin's stop was not
 /// carried out.
 fn stop_ignored(tenant: &Tenant, peer: Option<SocketAddr>) {
-    if tenant.warnings().admit("stop ignored") {
-        let peer = peer.map(|peer| peer.to_string()).unwrap_or_default();
-        tracing::warn!(
-            listener = tenant.name(),
-            peer,
-            "plugin asked to stop the listener; ignored (honor-stop = false)"
-        );
+    if !tenant.warnings().admit("stop ignored") {
+        return;
+    }
+    let why = "plugin asked to stop the listener; ignored (honor-stop = false)";
+    match peer {
+        Some(peer) => tracing::warn!(listener = tenant.name(), %peer, "{why}"),
+        None => tracing::warn!(listener = tenant.name(), "{why}"),
     }
 }
 
