@@ -20,7 +20,7 @@ use std::process::{Command, ExitCode};
 /// Plugins embedded in the `wasm-echo` binary, usable by name.
 const BUILTIN: &[&str] = &["hello", "echo", "counter"];
 /// Plugins that only the tests use.
-const TEST_ONLY: &[&str] = &["counter-next", "trap", "hostile"];
+const TEST_ONLY: &[&str] = &["counter-next", "trap", "hostile", "batcher"];
 const TARGET: &str = "wasm32-wasip2";
 
 /// What `WASM_ECHO_SKIP_TESTS` (a comma-separated list) may name: things an

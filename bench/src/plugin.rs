@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use wasm_echo::plugin::{Instance, InstanceSettings, Plugin, PluginSource, Runtime};
+use wasm_echo::plugin::{Batch, Instance, InstanceSettings, Plugin, PluginSource, Runtime};
 use wasm_echo::tenant::{NativeEcho, NativeHandler};
 
 use crate::load::{nanos, quantile};
@@ -43,11 +43,29 @@ pub struct Figures {
     pub call: (u64, u64),
     /// Resident bytes per live instance that has handled one call.
     pub memory: f64,
+    /// What a datagram costs one call at a time and in a `udp-batch` call,
+    /// for a component that exports it.
+    pub batched: Vec<BatchCost>,
     /// Why the calls stopped before the number asked for, if they did: a
     /// call that fails is a result (the instance is then dropped, as the
     /// server would drop it), measured with the calls made until then.
     pub call_failure: Option<String>,
 }
+
+/// What a datagram of `size` bytes costs in a group of [`BATCH`]: by
+/// `on-datagram` calls one after another, and by one `on-datagrams` call.
+#[derive(Debug)]
+pub struct BatchCost {
+    /// Datagram size in bytes.
+    pub size: usize,
+    /// Median and p99 per datagram, one call each, in nanoseconds.
+    pub single: (u64, u64),
+    /// Median and p99 per datagram, one call for the group, in nanoseconds.
+    pub batch: (u64, u64),
+}
+
+/// Datagrams in a group: what the listener reads at most at once.
+const BATCH: usize = 32;
 
 /// The polyglot components the build script writes, by language.
 pub const POLYGLOT: [(&str, &str); 3] = [
@@ -126,6 +144,15 @@ pub async fn measure(
             "{label} did not echo"
         );
     }
+    let batched = if call_failure.is_none() && instance.offers_batch() {
+        let groups = sizes.calls / BATCH;
+        vec![
+            batch_cost(&mut instance, 64, groups).await?,
+            batch_cost(&mut instance, 1400, groups).await?,
+        ]
+    } else {
+        Vec::new()
+    };
     drop(instance);
     let call = median_p99(&mut times);
 
@@ -138,7 +165,52 @@ pub async fn measure(
         teardown,
         call,
         memory,
+        batched,
         call_failure,
+    })
+}
+
+/// Times `groups` groups of [`BATCH`] datagrams of `size` bytes from four
+/// peers through `instance`, each group one call at a time and then in one
+/// batch call, and checks that both echo.
+async fn batch_cost(
+    instance: &mut Instance,
+    size: usize,
+    groups: usize,
+) -> anyhow::Result<BatchCost> {
+    let peers: Vec<SocketAddr> = (0..4)
+        .map(|n| SocketAddr::from(([127, 0, 0, 1], 40_000 + n)))
+        .collect();
+    let data = vec![b'b'; size];
+    let mut batch = Batch::new();
+    for n in 0..BATCH {
+        batch.push(peers[n % peers.len()], &data);
+    }
+    let (mut single, mut batched) = (Vec::with_capacity(groups), Vec::with_capacity(groups));
+    for group in 0..groups + 10 {
+        let start = Instant::now();
+        for n in 0..BATCH {
+            let decision = instance.on_datagram(peers[n % peers.len()], &data).await?;
+            anyhow::ensure!(decision.reply.as_deref() == Some(&data[..]), "did not echo");
+        }
+        let one_by_one = nanos(start.elapsed()) / BATCH as u64;
+        let start = Instant::now();
+        let replies = instance.on_datagrams(&batch).await?;
+        let in_batch = nanos(start.elapsed()) / BATCH as u64;
+        anyhow::ensure!(
+            replies.handled() == BATCH && replies.iter().all(|reply| reply == Some(&data[..])),
+            "the batch did not echo"
+        );
+        // The first groups fault in the buffers' pages.
+        if group >= 10 {
+            single.push(one_by_one);
+            batched.push(in_batch);
+        }
+    }
+    Ok(BatchCost {
+        size,
+        single: median_p99(&mut single),
+        batch: median_p99(&mut batched),
     })
 }
 

@@ -303,6 +303,29 @@ pub fn print(
         native_call.0 as f64 / 1e3,
         native_call.1 as f64 / 1e3
     );
+    for f in plugins.iter().filter(|f| !f.batched.is_empty()) {
+        println!();
+        println!(
+            "{}: µs per datagram in groups of 32 from 4 peers, by one `on-datagram` call each and by one `udp-batch` call",
+            f.label
+        );
+        println!();
+        println!(
+            "| datagram | one call each p50 / p99 | one batch call p50 / p99 | batch / one each (p50) |"
+        );
+        println!("| --- | ---: | ---: | ---: |");
+        for cost in &f.batched {
+            println!(
+                "| {} B | {:.3} / {:.3} | {:.3} / {:.3} | {:.2}× |",
+                cost.size,
+                cost.single.0 as f64 / 1e3,
+                cost.single.1 as f64 / 1e3,
+                cost.batch.0 as f64 / 1e3,
+                cost.batch.1 as f64 / 1e3,
+                cost.batch.0 as f64 / cost.single.0.max(1) as f64,
+            );
+        }
+    }
     for f in plugins {
         if let Some(failure) = &f.call_failure {
             println!();

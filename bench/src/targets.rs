@@ -86,6 +86,7 @@ pub fn listener_config(plugin: &str, connections: usize) -> anyhow::Result<Serve
             ..TrafficLimits::default()
         },
         honor_stop: false,
+        udp_batch: true,
         on_failure: FailurePolicy::default(),
         upgrade_connections: false,
         on_migration_failure: Default::default(),

@@ -77,6 +77,10 @@ pub struct ListenerConfig {
     pub traffic: TrafficLimits,
     /// Whether the plugin's `stop-listener` is carried out.
     pub honor_stop: bool,
+    /// Whether the UDP listener hands a plugin that exports `udp-batch` the
+    /// datagrams it reads together in one call (`udp-batch`, on by
+    /// default); off, every datagram gets its own `on-datagram` call.
+    pub udp_batch: bool,
     /// What a message gets when its plugin call fails.
     pub on_failure: FailurePolicy,
     /// Whether open TCP connections move to a new version (with their
@@ -260,6 +264,7 @@ pub struct RawListener {
     #[serde(default, deserialize_with = "size")]
     pub max_message: Option<usize>,
     pub honor_stop: Option<bool>,
+    pub udp_batch: Option<bool>,
     pub on_failure: Option<FailurePolicy>,
     pub upgrade_connections: Option<bool>,
     pub on_migration_failure: Option<MigrationFailurePolicy>,
@@ -754,6 +759,7 @@ impl RawListener {
             limits,
             traffic,
             honor_stop: self.honor_stop.unwrap_or(true),
+            udp_batch: self.udp_batch.unwrap_or(true),
             on_failure: self.on_failure.unwrap_or_default(),
             upgrade_connections: self.upgrade_connections.unwrap_or(false),
             on_migration_failure: self.on_migration_failure.unwrap_or_default(),

@@ -11,6 +11,7 @@
 //! | series | labels |
 //! | --- | --- |
 //! | `wasm_echo_datagrams_total` | listener |
+//! | `wasm_echo_udp_batch_calls_total`, `wasm_echo_udp_batched_datagrams_total` | listener |
 //! | `wasm_echo_tcp_connections_total`, `wasm_echo_tcp_messages_total` | listener |
 //! | `wasm_echo_bytes_in_total`, `wasm_echo_bytes_out_total`, `wasm_echo_replies_total` | listener, protocol |
 //! | `wasm_echo_drops_total` (datagrams and messages that got no reply) | listener, reason (rate-limit, failed, refused-reply, unsent) |
@@ -265,6 +266,10 @@ pub struct ListenerMetrics {
     tcp_out: Counter,
     udp_replies: Counter,
     tcp_replies: Counter,
+    /// Datagrams handed to a plugin in `udp-batch` calls, and the calls:
+    /// whether batching happens, and how large batches are.
+    batched: Counter,
+    batches: Counter,
     /// Indexed by [`NoReply`].
     drops: [Counter; NoReply::ALL.len()],
     /// Indexed by [`CloseReason`].
@@ -296,6 +301,8 @@ impl ListenerMetrics {
             tcp_out: bytes_out("tcp"),
             udp_replies: replies("udp"),
             tcp_replies: replies("tcp"),
+            batched: counter!("wasm_echo_udp_batched_datagrams_total", "listener" => l.clone()),
+            batches: counter!("wasm_echo_udp_batch_calls_total", "listener" => l.clone()),
             drops: NoReply::ALL.map(|why| drop(why.label())),
             closes: CloseReason::ALL.map(|why| close(why.label())),
             proxy_refused: crate::listener::proxy::Refusal::ALL.map(|why| {
@@ -304,6 +311,12 @@ impl ListenerMetrics {
             plugins: PluginSeries::new(listener),
             listener: l,
         }
+    }
+
+    /// `datagrams` datagrams went to the plugin in one `udp-batch` call.
+    pub fn batch(&self, datagrams: usize) {
+        self.batches.increment(1);
+        self.batched.increment(datagrams as u64);
     }
 
     /// A datagram of `len` bytes arrived.

@@ -99,13 +99,13 @@ fn a_bad_limit_is_refused_by_the_parser() {
 }
 
 /// `check` names the contract version and the optional parts, for plugins
-/// of both versions (echo and trap stay at 0.1.0 on purpose).
+/// of both versions (trap stays at 0.1.0 on purpose).
 #[test]
 fn check_reports_contract_imports_and_exports() {
     let cases = [
         ("hello", "0.2.0", "(no optional parts)"),
-        ("echo", "0.1.0", "(no optional parts)"),
-        ("counter", "0.2.0", "(optional parts: state)"),
+        ("echo", "0.2.0", "(optional parts: udp-batch)"),
+        ("counter", "0.2.0", "(optional parts: state, udp-batch)"),
         (plugins::TRAP, "0.1.0", "(no optional parts)"),
     ];
     for (plugin, version, parts) in cases {

@@ -5,6 +5,8 @@ mod common;
 
 /// The admin endpoint: health, readiness and drain, `/metrics`.
 mod admin;
+/// The optional `udp-batch`: batches answered as single calls would be, lying batches contained.
+mod batch;
 /// Command-line errors: each bad input gets one clear line.
 mod cli;
 /// The compiled-code cache: second starts and reloads back load, damaged entries recompile.

@@ -189,7 +189,7 @@ fn a_snapshot_over_max_state_is_not_handed_over() {
     );
 }
 
-/// A 0.1.0 plugin offers no state: the UDP listener's next instance starts
+/// A plugin without `state` (echo) hands nothing over: the UDP listener's next instance starts
 /// from nothing, as before 0.2.0, and a connection stays where it is.
 #[test]
 fn from_a_plugin_without_state_the_new_version_starts_afresh() {

@@ -51,7 +51,7 @@ fn fault() -> String {
 impl udp::Guest for CounterNext {
     fn on_datagram(peer: Endpoint, _data: Vec<u8>) -> Decision {
         leak();
-        reply(counts::datagram(format!("{}:{}", peer.ip, peer.port)))
+        reply(counts::datagram_of(&format!("{}:{}", peer.ip, peer.port)))
     }
 }
 

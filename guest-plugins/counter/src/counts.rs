@@ -25,12 +25,16 @@ static MESSAGES: AtomicU64 = AtomicU64::new(0);
 /// Datagrams seen per peer (`ip:port`) on this instance's UDP listener.
 static PEERS: spin::Mutex<BTreeMap<String, u64>> = spin::Mutex::new(BTreeMap::new());
 
-/// Counts one more datagram from `peer` and returns its count.
-pub fn datagram(peer: String) -> u64 {
+/// Counts one more datagram from `peer` (`ip:port`) and returns its count,
+/// making the peer's key only for its first datagram.
+pub fn datagram_of(peer: &str) -> u64 {
     let mut peers = PEERS.lock();
-    let count = peers.entry(peer).or_insert(0);
-    *count += 1;
-    *count
+    if let Some(count) = peers.get_mut(peer) {
+        *count += 1;
+        return *count;
+    }
+    peers.insert(peer.to_owned(), 1);
+    1
 }
 
 /// Counts one more message on the connection and returns the count.

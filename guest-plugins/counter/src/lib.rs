@@ -6,9 +6,11 @@
 //! as it sees it: behind a balancer that sends the PROXY protocol, the
 //! client rather than the balancer.
 //!
-//! It targets `stateful-plugin`: when a reload swaps in a new version, it
-//! hands its counts over (schema 1, see [`counts`]), so they go on where
-//! they were.
+//! It offers both of the contract's optional parts, so it targets a world
+//! of its own that includes them: `state` (when a reload swaps in a new
+//! version, it hands its counts over, schema 1, see [`counts`], so they go
+//! on where they were) and `udp-batch` (a batch is counted datagram by
+//! datagram, in order, exactly as one call per datagram would count it).
 //!
 //! It does without std ([`lean`]): it needs nothing from WASI, and a
 //! component that imports nothing from it starts faster and holds less
@@ -23,7 +25,21 @@ extern crate alloc;
 use lean as _;
 
 mod bindings {
-    wit_bindgen::generate!({ path: "../../wit", world: "stateful-plugin" });
+    wit_bindgen::generate!({
+        inline: r#"
+            package wasm-echo:counter;
+
+            world counter {
+                include wasm-echo:plugin/stateful-plugin@0.2.0;
+                export wasm-echo:plugin/udp-batch@0.2.0;
+            }
+        "#,
+        path: "../../wit",
+        world: "wasm-echo:counter/counter",
+        // Its interfaces are another package's, which bindings generate
+        // only when asked to.
+        generate_all,
+    });
 }
 
 mod counts;
@@ -33,6 +49,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use bindings::exports::wasm_echo::plugin::state::{self, SavedState};
+use bindings::exports::wasm_echo::plugin::udp_batch::{self, Datagrams, Replies};
 use bindings::exports::wasm_echo::plugin::{tcp, udp};
 use bindings::wasm_echo::plugin::host;
 use bindings::wasm_echo::plugin::types::{Connection, Decision, Endpoint, Next, VersionInfo};
@@ -48,7 +65,34 @@ fn reply(count: u64) -> Decision {
 
 impl udp::Guest for Counter {
     fn on_datagram(peer: Endpoint, _data: Vec<u8>) -> Decision {
-        reply(counts::datagram(format!("{}:{}", peer.ip, peer.port)))
+        reply(counts::datagram_of(&format!("{}:{}", peer.ip, peer.port)))
+    }
+}
+
+impl udp_batch::Guest for Counter {
+    fn on_datagrams(batch: Datagrams) -> Replies {
+        // Each sender's key once per batch, not once per datagram.
+        let keys: Vec<String> = batch
+            .peers
+            .iter()
+            .map(|peer| format!("{}:{}", peer.ip, peer.port))
+            .collect();
+        let mut data = Vec::with_capacity(batch.senders.len() * 4);
+        let lengths = batch
+            .senders
+            .iter()
+            .map(|&sender| {
+                let key = keys.get(sender as usize).map_or("?", String::as_str);
+                let count = counts::datagram_of(key).to_string();
+                data.extend_from_slice(count.as_bytes());
+                Some(count.len() as u32)
+            })
+            .collect();
+        Replies {
+            data,
+            lengths,
+            next: Next::CarryOn,
+        }
     }
 }
 

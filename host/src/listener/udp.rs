@@ -7,6 +7,12 @@
 //! `state` (see [`crate::tenant`]'s migration): no datagram is handled by
 //! either version meanwhile.
 //!
+//! A plugin that exports the contract's optional `udp-batch` gets the
+//! datagrams of a read in one call instead (see [`batchable`] for when it
+//! does not); rate limits, reply checks, metrics and failures still apply
+//! datagram by datagram, and a batch that fails fails each of its
+//! datagrams as a failed call would.
+//!
 //! A datagram whose call fails gets no reply (or, for a tenant that fails
 //! open, its own bytes back); the failure is logged with the peer, the
 //! instance is dropped and a later datagram gets a fresh one, after a
@@ -32,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::datagrams::{Inbox, Outbox};
 use crate::metrics::NoReply;
-use crate::plugin::Next;
+use crate::plugin::{Batch, Next};
 use crate::recording::{Event, Outcome, Record};
 use crate::rollout::{Mode, Rollout, ShadowFeed};
 use crate::tenant::{Session, Tenant};
@@ -116,12 +122,16 @@ pub async fn serve_on_own_thread(
 /// Serves `socket` until the plugin stops the listener or `shutdown` fires.
 ///
 /// Datagrams are read in batches (see [`super::datagrams`]): each batch is
-/// handled in order, one plugin call per datagram, and its replies are sent
-/// together before the next batch is read (or sooner, see [`FLUSH_AFTER`]).
+/// handled in order, one plugin call per datagram or one for the batch
+/// (see [`batchable`]), and its replies are sent together before the next
+/// batch is read (or sooner, see [`FLUSH_AFTER`]).
 pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: CancellationToken) {
     let local = socket.local_addr().ok();
     let mut inbox = Inbox::new();
     let mut outbox = Outbox::default();
+    // The datagrams of one batch call, in buffers kept for the listener's
+    // life.
+    let mut batch = Batch::new();
     let mut unsent = SendFailures::default();
     let mut session: Option<Session> = None;
     // A canary's candidate session, while a rollout runs.
@@ -163,11 +173,68 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
         let mut waiting_since = Instant::now();
         let mut index = 0;
         while let Some((peer, data)) = inbox.get(index) {
+            // Two datagrams or more left, and a session that takes them
+            // together: the rest of the read in one call.
+            if inbox.get(index + 1).is_some() && batchable(&tenant, &session) {
+                // No rollout runs: a candidate's session is over.
+                candidate = None;
+                batch.clear();
+                while let Some((peer, data)) = inbox.get(index) {
+                    index += 1;
+                    if admit(&tenant, peer, data) {
+                        batch.push(peer, data);
+                    }
+                }
+                if batch.is_empty() {
+                    continue;
+                }
+                let outcome = tokio::select! {
+                    biased;
+                    outcome = handle_batch(&tenant, &mut session, &mut outbox, &batch) => outcome,
+                    () = &mut cancelled => {
+                        stopped = true;
+                        break;
+                    }
+                };
+                let Some((handled, Next::StopListener)) = outcome else {
+                    continue;
+                };
+                let peer = batch.get(handled.saturating_sub(1)).map(|(peer, _)| peer);
+                if tenant.honor_stop() {
+                    if let Some(peer) = peer {
+                        tracing::info!(listener = tenant.name(), %peer, "plugin stopped the udp listener");
+                    }
+                    // The rest of the batch goes unanswered, as datagrams
+                    // still queued on the socket would.
+                    stopped = true;
+                    break;
+                }
+                stop_ignored(&tenant, peer);
+                // What the plugin left of the batch, one by one: as if
+                // each had come after the stop it ignored.
+                for position in handled..batch.len() {
+                    let Some((peer, data)) = batch.get(position) else {
+                        break;
+                    };
+                    let next = tokio::select! {
+                        biased;
+                        next = route(&tenant, &mut session, &mut candidate, &mut outbox, peer, data) => next,
+                        () = &mut cancelled => {
+                            stopped = true;
+                            break;
+                        }
+                    };
+                    if next == Some(Next::StopListener) {
+                        stop_ignored(&tenant, Some(peer));
+                    }
+                }
+                if stopped {
+                    break;
+                }
+                continue;
+            }
             index += 1;
-            tenant.metrics().datagram_in(data.len());
-            if !tenant.admit_message(peer.ip()) {
-                tenant.metrics().dropped(NoReply::RateLimit);
-                tracing::debug!(listener = tenant.name(), %peer, "datagram dropped: rate limit");
+            if !admit(&tenant, peer, data) {
                 continue;
             }
             // A shutdown does not wait for the call in flight: it is
@@ -190,9 +257,7 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
                     stopped = true;
                     break;
                 }
-                if tenant.warnings().admit("stop ignored") {
-                    tracing::warn!(listener = tenant.name(), %peer, "plugin asked to stop the listener; ignored (honor-stop = false)");
-                }
+                stop_ignored(&tenant, Some(peer));
             }
             if !outbox.is_empty() && waiting_since.elapsed() >= FLUSH_AFTER {
                 flush(&socket, &tenant, &mut outbox, &mut unsent).await;
@@ -203,6 +268,131 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
     }
     if let Some(local) = local {
         tracing::info!(listener = tenant.name(), "udp listener on {local} stopped");
+    }
+}
+
+/// Counts a datagram in, and whether its peer's rate admits it; one that
+/// is not is counted as dropped.
+fn admit(tenant: &Tenant, peer: SocketAddr, data: &[u8]) -> bool {
+    tenant.metrics().datagram_in(data.len());
+    if tenant.admit_message(peer.ip()) {
+        return true;
+    }
+    tenant.metrics().dropped(NoReply::RateLimit);
+    tracing::debug!(listener = tenant.name(), %peer, "datagram dropped: rate limit");
+    false
+}
+
+/// Logs (within the tenant's warning budget) that a plugin's stop was not
+/// carried out.
+fn stop_ignored(tenant: &Tenant, peer: Option<SocketAddr>) {
+    if !tenant.warnings().admit("stop ignored") {
+        return;
+    }
+    let why = "plugin asked to stop the listener; ignored (honor-stop = false)";
+    match peer {
+        Some(peer) => tracing::warn!(listener = tenant.name(), %peer, "{why}"),
+        None => tracing::warn!(listener = tenant.name(), "{why}"),
+    }
+}
+
+/// Whether the next datagrams go to the plugin in one call: the listener
+/// allows it (`udp-batch`), its session is on the current version and its
+/// plugin exports `udp-batch`. Not while a rollout runs (a canary routes
+/// peer by peer and a shadow copies each datagram) nor while the
+/// listener's traffic is recorded (each datagram is sampled on its own):
+/// those take one call per datagram, as does the first datagram after a
+/// failure, which makes the fresh instance.
+fn batchable(tenant: &Tenant, session: &Option<Session>) -> bool {
+    tenant.udp_batch()
+        && session
+            .as_ref()
+            .is_some_and(|live| live.offers_batch() && tenant.is_current(live))
+        && tenant.recorder().is_none()
+        && tenant.rollout_now().is_none()
+}
+
+/// Runs a batch through the stable session in one call and queues the
+/// replies, each checked as a single datagram's would be. Returns how many
+/// datagrams the plugin handled and what it wants next, or `None` when the
+/// batch failed (each of its datagrams then failed as its own call would).
+async fn handle_batch(
+    tenant: &Tenant,
+    session: &mut Option<Session>,
+    outbox: &mut Outbox,
+    batch: &Batch,
+) -> Option<(usize, Next)> {
+    let live = session.as_mut()?;
+    tenant.metrics().batch(batch.len());
+    let replies = match live.on_datagrams(batch).await {
+        Ok(replies) => replies,
+        Err(error) => {
+            let version = live.version();
+            *session = None;
+            tenant.record_failure();
+            fail_batch(outbox, tenant, batch, &version, error);
+            return None;
+        }
+    };
+    tenant.record_success();
+    for (index, reply) in replies.iter().enumerate() {
+        let (Some(reply), Some((peer, data))) = (reply, batch.get(index)) else {
+            continue;
+        };
+        if let Err(reason) = tenant.vet_reply(live, reply, Some(data.len())) {
+            let version = live.version();
+            fail(
+                outbox,
+                tenant,
+                peer,
+                data,
+                &version,
+                NoReply::RefusedReply,
+                reason,
+            );
+            continue;
+        }
+        outbox.push(peer, reply.to_vec());
+    }
+    Some((replies.handled(), replies.next()))
+}
+
+/// A batch whose call failed: each datagram is counted and, if the tenant
+/// fails open, answered with its own bytes; one line says why (within the
+/// tenant's warning budget), not one per datagram.
+fn fail_batch(
+    outbox: &mut Outbox,
+    tenant: &Tenant,
+    batch: &Batch,
+    version: &str,
+    reason: impl Display,
+) {
+    let mut echoed = false;
+    for index in 0..batch.len() {
+        let Some((peer, data)) = batch.get(index) else {
+            break;
+        };
+        tenant.metrics().dropped(NoReply::Failed);
+        if let Some(echo) = tenant.failure_reply(data) {
+            outbox.push(peer, echo.to_vec());
+            echoed = true;
+        }
+    }
+    let datagrams = batch.len();
+    if echoed {
+        if tenant.warnings().admit("datagram failed, echoed") {
+            tracing::warn!(
+                listener = tenant.name(),
+                version,
+                "batch of {datagrams} datagrams failed, echoed (fail-open): {reason}"
+            );
+        }
+    } else if tenant.warnings().admit("datagram dropped") {
+        tracing::warn!(
+            listener = tenant.name(),
+            version,
+            "batch of {datagrams} datagrams dropped: {reason}"
+        );
     }
 }
 

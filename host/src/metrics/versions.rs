@@ -56,7 +56,8 @@ pub enum FailureKind {
     Deadline,
     /// It hit its memory limit.
     Memory,
-    /// Its reply broke max-reply or the UDP amplification bound.
+    /// Its reply broke max-reply or the UDP amplification bound, or its
+    /// replies to a batch did not fit the batch.
     Reply,
 }
 
@@ -79,6 +80,7 @@ impl From<&CallError> for FailureKind {
             CallError::Deadline(_) => Self::Deadline,
             CallError::Limit(_) => Self::Memory,
             CallError::Trap { .. } => Self::Trap,
+            CallError::Batch(_) => Self::Reply,
         }
     }
 }

@@ -9,7 +9,10 @@
 //! checks them by shape, not by name). Exports are not taken as a whole
 //! world: each interface is looked up by name when a plugin is loaded
 //! ([`ExportIndices::find`]), so an optional interface is one `Option`
-//! here, not one more world per combination of optional parts.
+//! here, not one more world per combination of optional parts. The host's
+//! main `bindgen!` takes the `stateful-plugin` world; the `udp-batch`
+//! interface comes from a second one over `batching-plugin` that shares the
+//! first one's types and host imports ([`batching`]).
 
 use wasmtime::component::{Component, InstancePre};
 
@@ -30,12 +33,28 @@ pub mod v0_1 {
     });
 }
 
+/// The `batching-plugin` world, for its `udp-batch` interface: the rest is
+/// the main bindings' (`with`), so there is one set of types.
+pub mod batching {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "batching-plugin",
+        exports: { default: async },
+        with: {
+            "wasm-echo:plugin/types": super::wasm_echo::plugin::types,
+            "wasm-echo:plugin/host": super::wasm_echo::plugin::host,
+        },
+    });
+}
+
+pub use self::batching::exports::wasm_echo::plugin::udp_batch::{Datagrams, Replies};
 pub use self::exports::wasm_echo::plugin::state::SavedState;
 pub use self::wasm_echo::plugin::host::Level;
 pub use self::wasm_echo::plugin::types::{
     Connection, Decision, Endpoint, Framing, Next, VersionInfo,
 };
 
+use self::batching::exports::wasm_echo::plugin::udp_batch;
 use self::exports::wasm_echo::plugin::{state, tcp, udp};
 use self::v0_1::exports::wasm_echo::plugin::{tcp as tcp_0_1, udp as udp_0_1};
 
@@ -44,7 +63,8 @@ use self::v0_1::exports::wasm_echo::plugin::{tcp as tcp_0_1, udp as udp_0_1};
 pub enum ContractVersion {
     /// `wasm-echo:plugin@0.1.0`: `udp` and `tcp`.
     V0_1,
-    /// `wasm-echo:plugin@0.2.0`: `udp` and `tcp`, and optionally `state`.
+    /// `wasm-echo:plugin@0.2.0`: `udp` and `tcp`, and optionally `state`
+    /// and `udp-batch`.
     V0_2,
 }
 
@@ -75,12 +95,15 @@ pub struct Contract {
     /// Whether it exports `state` (0.2.0 and later): it can hand its state
     /// to its next version.
     pub state: bool,
+    /// Whether it exports `udp-batch` (0.2.0 and later): it answers many
+    /// datagrams in one call.
+    pub batch: bool,
 }
 
 impl Contract {
     /// The optional interfaces it exports, by name.
     pub fn optional_parts(&self) -> Vec<&'static str> {
-        [("state", self.state)]
+        [("state", self.state), ("udp-batch", self.batch)]
             .into_iter()
             .filter_map(|(name, offered)| offered.then_some(name))
             .collect()
@@ -98,6 +121,7 @@ pub(super) enum ExportIndices {
         udp: udp::GuestIndices,
         tcp: tcp::GuestIndices,
         state: Option<state::GuestIndices>,
+        batch: Option<udp_batch::GuestIndices>,
     },
 }
 
@@ -122,6 +146,10 @@ impl ExportIndices {
                 tcp: tcp::GuestIndices::new(pre)?,
                 state: match component.get_export_index(None, version.interface("state")) {
                     Some(_) => Some(state::GuestIndices::new(pre)?),
+                    None => None,
+                },
+                batch: match component.get_export_index(None, version.interface("udp-batch")) {
+                    Some(_) => Some(udp_batch::GuestIndices::new(pre)?),
                     None => None,
                 },
             },
@@ -154,10 +182,12 @@ impl ExportIndices {
             Self::V0_1 { .. } => Contract {
                 version: ContractVersion::V0_1,
                 state: false,
+                batch: false,
             },
-            Self::V0_2 { state, .. } => Contract {
+            Self::V0_2 { state, batch, .. } => Contract {
                 version: ContractVersion::V0_2,
                 state: state.is_some(),
+                batch: batch.is_some(),
             },
         }
     }
@@ -177,12 +207,22 @@ impl ExportIndices {
                 udp: Udp::V0_1(udp.load(&mut store, instance)?),
                 tcp: Tcp::V0_1(tcp.load(&mut store, instance)?),
                 state: None,
+                batch: None,
             },
-            Self::V0_2 { udp, tcp, state } => Exports {
+            Self::V0_2 {
+                udp,
+                tcp,
+                state,
+                batch,
+            } => Exports {
                 udp: Udp::V0_2(udp.load(&mut store, instance)?),
                 tcp: Tcp::V0_2(tcp.load(&mut store, instance)?),
                 state: match state {
                     Some(state) => Some(state.load(&mut store, instance)?),
+                    None => None,
+                },
+                batch: match batch {
+                    Some(batch) => Some(batch.load(&mut store, instance)?),
                     None => None,
                 },
             },
@@ -192,7 +232,7 @@ impl ExportIndices {
 
 /// Whether `component` exports any interface of `version`'s package.
 fn exports_any(component: &Component, version: ContractVersion) -> bool {
-    ["udp", "tcp", "state"].iter().any(|name| {
+    ["udp", "tcp", "state", "udp-batch"].iter().any(|name| {
         component
             .get_export_index(None, version.interface(name))
             .is_some()
@@ -215,6 +255,7 @@ pub(super) struct Exports {
     pub udp: Udp,
     pub tcp: Tcp,
     pub state: Option<state::Guest>,
+    pub batch: Option<udp_batch::Guest>,
 }
 
 /// The `udp` interface of either version.

@@ -164,6 +164,9 @@ pub struct HostState {
     pub(super) peer: Option<SocketAddr>,
     /// When the current call began; the epoch callback measures from here.
     pub(super) call_started: Instant,
+    /// How long the current call may take: the per-call deadline, times
+    /// the datagrams of a batch.
+    pub(super) call_budget: Duration,
     /// The epoch ticker driving this instance's deadlines, told of each
     /// call so that it ticks only while calls run.
     pub(super) ticker: Arc<Ticker>,
@@ -196,11 +199,13 @@ impl HostState {
         };
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_HANDLES);
+        let call_budget = settings.limits.call_timeout;
         Self {
             settings,
             plugin,
             peer: None,
             call_started: Instant::now(),
+            call_budget,
             ticker,
             wasi: None,
             seed,
@@ -248,16 +253,21 @@ impl HostState {
         &self.settings
     }
 
-    /// How long each call of this instance may take.
-    pub(super) fn call_timeout(&self) -> Duration {
-        self.settings.limits.call_timeout
+    /// How long a call of this instance handling `messages` messages (one
+    /// but for a batch) may take: the per-call deadline for each, so a
+    /// batch keeps the budget per message the operator set.
+    pub(super) fn call_timeout(&self, messages: u32) -> Duration {
+        self.settings
+            .limits
+            .call_timeout
+            .saturating_mul(messages.max(1))
     }
 
     /// The epoch callback: a running call yields to the executor at every
     /// tick, so one busy plugin never holds a worker thread, and is stopped
     /// once its deadline has passed.
     pub(super) fn on_epoch_tick(&mut self) -> wasmtime::Result<UpdateDeadline> {
-        let timeout = self.settings.limits.call_timeout;
+        let timeout = self.call_budget;
         if self.call_started.elapsed() >= timeout {
             Err(wasmtime::Error::new(DeadlineExceeded(timeout)))
         } else {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use wasmtime::Store;
 
 use super::Plugin;
+use super::batch::{Batch, BatchReplies};
 use super::bindings::{Connection, Decision, Endpoint, Exports, SavedState, VersionInfo};
 use super::host::{HostState, InstanceSettings};
 use super::limits::{DeadlineExceeded, LimitExceeded};
@@ -48,6 +49,11 @@ pub enum CallError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A batch call returned replies that do not fit its datagrams (see
+    /// the contract's `udp-batch`): the wrong number of them, or lengths
+    /// that do not add up.
+    #[error("plugin broke the udp-batch contract: {0}")]
+    Batch(String),
 }
 
 impl From<wasmtime::Error> for CallError {
@@ -98,7 +104,7 @@ impl Instance {
         );
         store.limiter(HostState::limiter);
         store.epoch_deadline_callback(|mut ctx| ctx.data_mut().on_epoch_tick());
-        let deadline = start_call(&mut store, None);
+        let deadline = start_call(&mut store, None, 1);
         let instance = within(deadline, plugin.pre.instantiate_async(&mut store)).await?;
         let exports = plugin.exports.load(&mut store, &instance)?;
         plugin.instances.fetch_add(1, Ordering::Relaxed);
@@ -141,7 +147,7 @@ impl Instance {
         peer: SocketAddr,
         data: &[u8],
     ) -> Result<Decision, CallError> {
-        let deadline = start_call(&mut self.store, Some(peer));
+        let deadline = start_call(&mut self.store, Some(peer), 1);
         let sender = match &mut self.last_peer {
             Some((ip, sender)) if *ip == peer.ip() => {
                 sender.port = peer.port();
@@ -157,6 +163,61 @@ impl Instance {
         .await
     }
 
+    /// Whether it answers many datagrams in one call (it exports
+    /// `udp-batch`).
+    pub fn offers_batch(&self) -> bool {
+        self.exports.batch.is_some()
+    }
+
+    /// Hands the plugin a batch of datagrams in one call, within the
+    /// per-call deadline times the batch's size; the replies are checked
+    /// against the batch before they are returned. An instance without
+    /// `udp-batch` gets one `on-datagram` call per datagram instead, with
+    /// the same result.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Instance::on_datagram`], and [`CallError::Batch`] when the
+    /// replies do not fit the batch.
+    pub async fn on_datagrams(&mut self, batch: &Batch) -> Result<BatchReplies, CallError> {
+        let Some(udp_batch) = &self.exports.batch else {
+            return self.one_by_one(batch).await;
+        };
+        let messages = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+        let deadline = start_call(&mut self.store, None, messages);
+        let replies = within(
+            deadline,
+            udp_batch.call_on_datagrams(&mut self.store, batch.datagrams()),
+        )
+        .await?;
+        BatchReplies::check(replies, batch.len()).map_err(CallError::Batch)
+    }
+
+    /// A batch for a plugin without `udp-batch`: `on-datagram` for each
+    /// datagram, up to one that stops the listener.
+    async fn one_by_one(&mut self, batch: &Batch) -> Result<BatchReplies, CallError> {
+        let mut replies = super::bindings::Replies {
+            data: Vec::new(),
+            lengths: Vec::with_capacity(batch.len()),
+            next: super::bindings::Next::CarryOn,
+        };
+        for index in 0..batch.len() {
+            let Some((peer, data)) = batch.get(index) else {
+                break;
+            };
+            let decision = self.on_datagram(peer, data).await?;
+            replies.lengths.push(decision.reply.map(|reply| {
+                replies.data.extend_from_slice(&reply);
+                u32::try_from(reply.len()).unwrap_or(u32::MAX)
+            }));
+            if decision.next == super::bindings::Next::StopListener {
+                replies.next = decision.next;
+                break;
+            }
+        }
+        BatchReplies::check(replies, batch.len()).map_err(CallError::Batch)
+    }
+
     /// Tells the plugin its connection is open.
     ///
     /// # Errors
@@ -167,7 +228,7 @@ impl Instance {
         conn: &Connection,
         peer: SocketAddr,
     ) -> Result<Decision, CallError> {
-        let deadline = start_call(&mut self.store, Some(peer));
+        let deadline = start_call(&mut self.store, Some(peer), 1);
         let tcp = &self.exports.tcp;
         within(deadline, tcp.call_on_open(&mut self.store, conn)).await
     }
@@ -179,7 +240,7 @@ impl Instance {
     /// As for [`Instance::on_datagram`].
     pub async fn on_message(&mut self, data: &[u8]) -> Result<Decision, CallError> {
         let peer = self.store.data().peer;
-        let deadline = start_call(&mut self.store, peer);
+        let deadline = start_call(&mut self.store, peer, 1);
         let tcp = &self.exports.tcp;
         within(deadline, tcp.call_on_message(&mut self.store, data)).await
     }
@@ -191,7 +252,7 @@ impl Instance {
     /// As for [`Instance::on_datagram`].
     pub async fn on_close(&mut self) -> Result<(), CallError> {
         let peer = self.store.data().peer;
-        let deadline = start_call(&mut self.store, peer);
+        let deadline = start_call(&mut self.store, peer, 1);
         let tcp = &self.exports.tcp;
         within(deadline, tcp.call_on_close(&mut self.store)).await
     }
@@ -212,7 +273,7 @@ impl Instance {
             return Ok(None);
         };
         let peer = self.store.data().peer;
-        let deadline = start_call(&mut self.store, peer);
+        let deadline = start_call(&mut self.store, peer, 1);
         within(deadline, state.call_snapshot(&mut self.store)).await
     }
 
@@ -232,7 +293,7 @@ impl Instance {
             return Ok(Err("it does not export `state`".to_owned()));
         };
         let peer = self.store.data().peer;
-        let deadline = start_call(&mut self.store, peer);
+        let deadline = start_call(&mut self.store, peer, 1);
         within(
             deadline,
             state.call_restore(&mut self.store, previous, snapshot),
@@ -254,13 +315,16 @@ struct Deadline {
     _busy: Busy,
 }
 
-/// Starts the deadline of the call about to be made, and returns it.
-fn start_call(store: &mut Store<HostState>, peer: Option<SocketAddr>) -> Deadline {
+/// Starts the deadline of the call about to be made, about `peer` (for log
+/// lines; `None` for a batch, which is about many) and handling `messages`
+/// messages (more than one for a batch), and returns it.
+fn start_call(store: &mut Store<HostState>, peer: Option<SocketAddr>, messages: u32) -> Deadline {
     let state = store.data_mut();
     let busy = state.ticker.busy();
     state.call_started = Instant::now();
     state.peer = peer;
-    let after = state.call_timeout();
+    let after = state.call_timeout(messages);
+    state.call_budget = after;
     store.set_epoch_deadline(1);
     Deadline { after, _busy: busy }
 }

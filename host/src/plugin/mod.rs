@@ -6,6 +6,7 @@
 //! Sockets and the choice of when to make or drop an instance are the
 //! listeners' business; the bounds an instance runs within are [`Limits`].
 
+mod batch;
 mod bindings;
 mod host;
 mod instance;
@@ -24,6 +25,7 @@ use wasmtime::component::Component;
 use crate::input_file::{self, InputError};
 use crate::registry::{OciReference, ReferenceError, RegistryError};
 
+pub use batch::{Batch, BatchReplies};
 pub use bindings::{
     Connection, Contract, ContractVersion, Decision, Endpoint, Framing, Next, SavedState,
     VersionInfo,

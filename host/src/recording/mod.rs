@@ -114,6 +114,9 @@ impl Outcome {
             CallError::Deadline(_) => "deadline",
             CallError::Limit(_) => "memory",
             CallError::Trap { .. } => "trap",
+            // Not recorded (a recorded listener takes no batches), but a
+            // batch's failure reads as a broken reply.
+            CallError::Batch(_) => "reply",
         };
         Self::Failed {
             kind: kind.to_owned(),

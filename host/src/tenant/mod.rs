@@ -214,6 +214,12 @@ impl Tenant {
         self.config.honor_stop
     }
 
+    /// Whether the UDP listener may hand a batching plugin many datagrams
+    /// in one call.
+    pub fn udp_batch(&self) -> bool {
+        self.config.udp_batch
+    }
+
     /// Whether its TCP connections open with a PROXY protocol header, and
     /// from where.
     pub fn proxy(&self) -> Option<&crate::config::ProxyPolicy> {

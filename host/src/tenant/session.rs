@@ -14,8 +14,8 @@ use super::native::NativeHandler;
 use super::version::Version;
 use crate::metrics::FailureKind;
 use crate::plugin::{
-    CallError, Connection, Decision, Instance, InstanceSettings, Next, Plugin, SavedState,
-    VersionInfo,
+    Batch, BatchReplies, CallError, Connection, Decision, Instance, InstanceSettings, Next, Plugin,
+    SavedState, VersionInfo,
 };
 
 /// One conversation's handler and the version it runs.
@@ -176,6 +176,44 @@ impl Session {
         };
         self.version.series().call(started.elapsed());
         self.count(decision)
+    }
+
+    /// Whether it answers a batch of datagrams in one call (its plugin
+    /// exports `udp-batch`).
+    pub fn offers_batch(&self) -> bool {
+        match &self.kind {
+            SessionKind::Wasm(instance) => instance.offers_batch(),
+            SessionKind::Native(_) => false,
+        }
+    }
+
+    /// See [`Instance::on_datagrams`]. The call's time is recorded as that
+    /// many calls of its share each, and a failed batch as a failure per
+    /// datagram, so the version's series count datagrams either way.
+    ///
+    /// # Errors
+    ///
+    /// A [`CallError`] from the plugin; the whole batch failed.
+    pub async fn on_datagrams(&mut self, batch: &Batch) -> Result<BatchReplies, CallError> {
+        self.recycle_if_bloated().await?;
+        let started = Instant::now();
+        let replies = match &mut self.kind {
+            SessionKind::Wasm(instance) => instance.on_datagrams(batch).await,
+            SessionKind::Native(_) => {
+                Err(CallError::Batch("native code takes no batches".to_owned()))
+            }
+        };
+        let count = u32::try_from(batch.len()).unwrap_or(u32::MAX).max(1);
+        let share = started.elapsed() / count;
+        for _ in 0..count {
+            self.version.series().call(share);
+        }
+        if let Err(error) = &replies {
+            for _ in 0..count {
+                self.version.series().failed(FailureKind::from(error));
+            }
+        }
+        replies
     }
 
     /// See [`Instance::on_open`].
