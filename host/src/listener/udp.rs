@@ -30,6 +30,7 @@
 
 use std::fmt::Display;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -188,13 +189,10 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
                 if batch.is_empty() {
                     continue;
                 }
-                let outcome = tokio::select! {
-                    biased;
-                    outcome = handle_batch(&tenant, &mut session, &mut outbox, &batch) => outcome,
-                    () = &mut cancelled => {
-                        stopped = true;
-                        break;
-                    }
+                let call = handle_batch(&tenant, &mut session, &mut outbox, &batch);
+                let Some(outcome) = unless_cancelled(cancelled.as_mut(), call).await else {
+                    stopped = true;
+                    break;
                 };
                 let Some((handled, Next::StopListener)) = outcome else {
                     continue;
@@ -216,13 +214,17 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
                     let Some((peer, data)) = batch.get(position) else {
                         break;
                     };
-                    let next = tokio::select! {
-                        biased;
-                        next = route(&tenant, &mut session, &mut candidate, &mut outbox, peer, data) => next,
-                        () = &mut cancelled => {
-                            stopped = true;
-                            break;
-                        }
+                    let call = route(
+                        &tenant,
+                        &mut session,
+                        &mut candidate,
+                        &mut outbox,
+                        peer,
+                        data,
+                    );
+                    let Some(next) = unless_cancelled(cancelled.as_mut(), call).await else {
+                        stopped = true;
+                        break;
                     };
                     if next == Some(Next::StopListener) {
                         stop_ignored(&tenant, Some(peer));
@@ -237,17 +239,17 @@ pub async fn serve(socket: UdpSocket, tenant: Arc<Tenant>, shutdown: Cancellatio
             if !admit(&tenant, peer, data) {
                 continue;
             }
-            // A shutdown does not wait for the call in flight: it is
-            // abandoned with its instance, and the rest of the batch with it.
-            // Biased: a call that finishes at once (nearly all of them)
-            // never polls `cancelled`, which would take a lock.
-            let next = tokio::select! {
-                biased;
-                next = route(&tenant, &mut session, &mut candidate, &mut outbox, peer, data) => next,
-                () = &mut cancelled => {
-                    stopped = true;
-                    break;
-                }
+            let call = route(
+                &tenant,
+                &mut session,
+                &mut candidate,
+                &mut outbox,
+                peer,
+                data,
+            );
+            let Some(next) = unless_cancelled(cancelled.as_mut(), call).await else {
+                stopped = true;
+                break;
             };
             if next == Some(Next::StopListener) {
                 if tenant.honor_stop() {
@@ -393,6 +395,22 @@ fn fail_batch(
             version,
             "batch of {datagrams} datagrams dropped: {reason}"
         );
+    }
+}
+
+/// Runs `call` unless a shutdown comes first; `None` then. A shutdown
+/// does not wait for the call in flight: it is abandoned with its
+/// instance, and the rest of the batch with it. Biased: a call that
+/// finishes at once (nearly all of them) never polls `cancelled`, which
+/// would take a lock.
+async fn unless_cancelled<T>(
+    cancelled: Pin<&mut impl Future<Output = ()>>,
+    call: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        value = call => Some(value),
+        () = cancelled => None,
     }
 }
 
