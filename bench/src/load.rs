@@ -26,6 +26,30 @@ pub struct Budget {
     pub time: Duration,
 }
 
+/// How long a part of the bench measures: `rounds` rounds of `run` each.
+#[derive(Clone, Copy, Debug)]
+pub struct Rounds {
+    /// Time per workload, server and round.
+    pub run: Duration,
+    /// Rounds.
+    pub rounds: usize,
+}
+
+impl Rounds {
+    /// One round of 400 ms for a `--quick` run, three rounds of `run`
+    /// otherwise.
+    pub fn new(quick: bool, run: Duration) -> Self {
+        if quick {
+            Self {
+                run: Duration::from_millis(400),
+                rounds: 1,
+            }
+        } else {
+            Self { run, rounds: 3 }
+        }
+    }
+}
+
 /// Round-trip times of a ping-pong run.
 #[derive(Debug, Default)]
 pub struct Latency {

@@ -259,7 +259,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Some(record::measure(
             &servers,
             &clients,
-            record::Sizes::new(cli.quick),
+            load::Rounds::new(cli.quick, record::RUN),
         )?)
     } else {
         None
@@ -280,7 +280,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Some(rollout::measure(
             &servers,
             &clients,
-            rollout::Sizes::new(cli.quick),
+            load::Rounds::new(cli.quick, rollout::RUN),
         )?)
     } else {
         None

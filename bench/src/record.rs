@@ -20,7 +20,7 @@ use wasm_echo::recording::RecordSettings;
 use wasm_echo::server::{Operations, Server};
 use wasm_echo::tenant::Tenant;
 
-use crate::load::{self, Budget, Latency, Rate, quantile};
+use crate::load::{self, Budget, Latency, Rate, Rounds, quantile};
 use crate::report::cell;
 use crate::targets::{self, Addrs};
 
@@ -29,31 +29,8 @@ const SIZE: usize = 64;
 /// The recording's size cap: small, so that it rotates during the run.
 const CAP: u64 = 1 << 20;
 
-/// How long each measurement runs.
-#[derive(Clone, Copy, Debug)]
-pub struct Sizes {
-    /// Time per workload, server and round.
-    pub run: Duration,
-    /// Rounds.
-    pub rounds: usize,
-}
-
-impl Sizes {
-    /// The sizes for a normal or a `--quick` run.
-    pub fn new(quick: bool) -> Self {
-        if quick {
-            Self {
-                run: Duration::from_millis(400),
-                rounds: 1,
-            }
-        } else {
-            Self {
-                run: Duration::from_millis(1_500),
-                rounds: 3,
-            }
-        }
-    }
-}
+/// How long recording on and off runs in a full (not `--quick`) round.
+pub const RUN: Duration = Duration::from_millis(1_500);
 
 /// One server's figures, over every round.
 #[derive(Debug, Default)]
@@ -71,7 +48,7 @@ pub struct Side {
 pub struct Figures {
     off: Side,
     on: Side,
-    sizes: Sizes,
+    sizes: Rounds,
     /// Recording files left (the current one and the rotated ones kept).
     files: usize,
     /// Bytes in them.
@@ -86,7 +63,7 @@ pub struct Figures {
 pub fn measure(
     servers: &tokio::runtime::Runtime,
     clients: &tokio::runtime::Runtime,
-    sizes: Sizes,
+    sizes: Rounds,
 ) -> anyhow::Result<Figures> {
     let dir = std::env::temp_dir().join(format!("wasm-echo-bench-record-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

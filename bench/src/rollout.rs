@@ -23,7 +23,7 @@ use wasm_echo::plugin::PluginSource;
 use wasm_echo::rollout::{Mode, Plan, Settings};
 use wasm_echo::server::{Operations, Server};
 
-use crate::load::{Latency, nanos, quantile};
+use crate::load::{Latency, Rounds, nanos, quantile};
 use crate::targets;
 
 /// Bytes per ping-pong message.
@@ -33,37 +33,14 @@ const REPLY_TIMEOUT: Duration = Duration::from_millis(200);
 /// Sockets tried to find one the canary leaves on the stable version.
 const PEERS_TRIED: usize = 64;
 
-/// How long each measurement runs.
-#[derive(Clone, Copy, Debug)]
-pub struct Sizes {
-    /// Time per server and round.
-    pub run: Duration,
-    /// Rounds.
-    pub rounds: usize,
-}
-
-impl Sizes {
-    /// The sizes for a normal or a `--quick` run.
-    pub fn new(quick: bool) -> Self {
-        if quick {
-            Self {
-                run: Duration::from_millis(400),
-                rounds: 1,
-            }
-        } else {
-            Self {
-                run: Duration::from_millis(2_000),
-                rounds: 3,
-            }
-        }
-    }
-}
+/// How long each rollout phase runs in a full (not `--quick`) round.
+pub const RUN: Duration = Duration::from_millis(2_000);
 
 /// The three servers' latencies, in the order of [`SIDES`].
 #[derive(Debug)]
 pub struct Figures {
     sides: [Latency; 3],
-    sizes: Sizes,
+    sizes: Rounds,
 }
 
 /// The servers compared.
@@ -77,7 +54,7 @@ const SIDES: [&str; 3] = ["no rollout", "canary (50%)", "shadow"];
 pub fn measure(
     servers: &tokio::runtime::Runtime,
     clients: &tokio::runtime::Runtime,
-    sizes: Sizes,
+    sizes: Rounds,
 ) -> anyhow::Result<Figures> {
     let addrs = [
         servers.block_on(start(None))?,
