@@ -355,7 +355,7 @@ pub fn nanos(duration: Duration) -> u64 {
 }
 
 /// The `q`-quantile (0..=1) of `samples`, which must be sorted.
-pub fn quantile(sorted: &[u64], q: f64) -> Option<u64> {
+pub fn quantile<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
     if sorted.is_empty() {
         return None;
     }

@@ -59,7 +59,8 @@ struct Cli {
     connections: Option<usize>,
     /// Rounds of every workload against every server (default 3; 1 with
     /// --quick). Rates are the median round, so more rounds steady them on
-    /// a noisy machine; each round adds about 30 s.
+    /// a noisy machine; each round adds about 30 s. The reload part's two
+    /// throughput runs last 8 s for each round asked (one by default).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=50))]
     rounds: Option<u16>,
     /// Run only the parts named (for profiling): udp-ping, udp-flood,
@@ -234,7 +235,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         }
     }
     let reloads = if wanted("reload") {
-        Some(reload::measure(&clients, reload::Sizes::new(cli.quick))?)
+        Some(reload::measure(
+            &clients,
+            reload::Sizes::new(cli.quick, cli.rounds.map_or(1, u32::from)),
+        )?)
     } else {
         None
     };

@@ -57,6 +57,9 @@ const WINDOW: Duration = Duration::from_millis(100);
 /// instances warming up).
 const WARMUP_WINDOWS: usize = 5;
 
+/// Steady windows a window is set against (see [`Run::during_local`]).
+const NEIGHBOURS: usize = 6;
+
 /// How much work the measurement does.
 #[derive(Clone, Copy, Debug)]
 pub struct Sizes {
@@ -72,8 +75,10 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    /// The full run (about 20 s) or the `--quick` one (about 6 s).
-    pub fn new(quick: bool) -> Self {
+    /// The full run (about 20 s, and 16 s more for each round past the
+    /// first: each throughput run lasts 8 s a round) or the `--quick` one
+    /// (about 6 s, one round whatever `rounds` says).
+    pub fn new(quick: bool, rounds: u32) -> Self {
         if quick {
             Self {
                 swaps: 4,
@@ -84,7 +89,7 @@ impl Sizes {
         } else {
             Self {
                 swaps: 12,
-                run: Duration::from_secs(8),
+                run: Duration::from_secs(8) * rounds.max(1),
                 every: Duration::from_millis(700),
                 clients: 4,
             }
@@ -120,6 +125,15 @@ pub struct Run {
     pub steady: Vec<u64>,
     /// Replies per window that overlaps a swap (request sent to answered).
     pub during: Vec<u64>,
+    /// Each window's replies against the median of the steady windows
+    /// nearest it ([`NEIGHBOURS`]): for the windows overlapping a swap,
+    /// and for the steady ones (their spread is the noise floor). This
+    /// machine's throughput drifts by a third over seconds, with or without
+    /// swaps; set against its neighbours, a window shows what happened in it
+    /// rather than where the drift was.
+    pub during_local: Vec<f64>,
+    /// As `during_local`, for the steady windows.
+    pub steady_local: Vec<f64>,
     /// Swaps during the run.
     pub swaps: usize,
 }
@@ -252,6 +266,14 @@ pub fn measure(clients: &tokio::runtime::Runtime, sizes: Sizes) -> anyhow::Resul
         eprintln!("reload: {} swaps through the control socket", sizes.swaps);
         current = by_control(udp, &files, sizes.swaps, current, &mut figures).await?;
         for compiling in [true, false] {
+            if !compiling {
+                // The compiling run left only the version it ended on in
+                // the cache: swap to the other one and back, untimed, so
+                // that every swap of this run does load from the cache.
+                for version in [current.other(), current] {
+                    ask(files.control.clone(), files.copy_of(version)).await?;
+                }
+            }
             eprintln!(
                 "reload: throughput for {} s with a swap every {} ms{}",
                 sizes.run.as_secs(),
@@ -470,20 +492,45 @@ async fn throughput(
         swaps: swaps.len(),
         ..Run::default()
     };
-    for (index, count) in counts.iter().enumerate().skip(WARMUP_WINDOWS) {
-        let (from, to) = (WINDOW * index as u32, WINDOW * (index as u32 + 1));
-        let count = count.load(Ordering::Relaxed);
-        if swaps
-            .iter()
-            .any(|&(sent, answered)| sent < to && answered >= from)
-        {
+    let windows: Vec<(u64, bool)> = counts
+        .iter()
+        .enumerate()
+        .skip(WARMUP_WINDOWS)
+        .map(|(index, count)| {
+            let (from, to) = (WINDOW * index as u32, WINDOW * (index as u32 + 1));
+            let swapping = swaps
+                .iter()
+                .any(|&(sent, answered)| sent < to && answered >= from);
+            (count.load(Ordering::Relaxed), swapping)
+        })
+        .collect();
+    for (index, &(count, swapping)) in windows.iter().enumerate() {
+        let local = neighbours(&windows, index).map(|median| count as f64 / median.max(1) as f64);
+        if swapping {
             run.during.push(count);
+            run.during_local.extend(local);
         } else {
             run.steady.push(count);
+            run.steady_local.extend(local);
         }
     }
     figures.runs.push(run);
     Ok(current)
+}
+
+/// The median of the [`NEIGHBOURS`] steady windows nearest `index` (the
+/// nearer first, before and after it alternately), if there are any.
+fn neighbours(windows: &[(u64, bool)], index: usize) -> Option<u64> {
+    let mut near: Vec<u64> = (1..windows.len())
+        .flat_map(|distance| [index.checked_sub(distance), Some(index + distance)])
+        .flatten()
+        .filter_map(|at| windows.get(at))
+        .filter(|&&(_, swapping)| !swapping)
+        .map(|&(count, _)| count)
+        .take(NEIGHBOURS)
+        .collect();
+    near.sort_unstable();
+    quantile(&near, 0.5)
 }
 
 /// Prints the figures as a Markdown section, ready for BENCHMARKS.md.
@@ -572,27 +619,40 @@ fn print_run(run: &Run) {
         }
     );
     println!();
+    let mut steady_local = run.steady_local.clone();
+    steady_local.sort_unstable_by(f64::total_cmp);
+    let local_p10 = quantile(&steady_local, 0.1).unwrap_or(0.0);
+    let local_mean = run.during_local.iter().sum::<f64>() / run.during_local.len().max(1) as f64;
+    let local_min = run
+        .during_local
+        .iter()
+        .copied()
+        .min_by(f64::total_cmp)
+        .unwrap_or(0.0);
     println!(
-        "| replies per {} ms window | windows | replies | of steady median |",
+        "| replies per {} ms window | windows | replies | of steady median | of its {NEIGHBOURS} nearest steady windows' median |",
         WINDOW.as_millis()
     );
-    println!("| --- | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
     println!(
-        "| steady (no swap in progress), median | {} | {steady_median} | 100.0% |",
+        "| steady (no swap in progress), median | {} | {steady_median} | 100.0% | |",
         steady.len()
     );
     println!(
-        "| steady, 10th percentile (the noise floor) | | {steady_p10} | {:.1}% |",
-        share(steady_p10 as f64)
+        "| steady, 10th percentile (the noise floor) | | {steady_p10} | {:.1}% | {:.1}% |",
+        share(steady_p10 as f64),
+        100.0 * local_p10
     );
     println!(
-        "| overlapping a swap, mean | {} | {during_mean:.0} | {:.1}% |",
+        "| overlapping a swap, mean | {} | {during_mean:.0} | {:.1}% | {:.1}% |",
         run.during.len(),
-        share(during_mean)
+        share(during_mean),
+        100.0 * local_mean
     );
     println!(
-        "| overlapping a swap, worst | | {during_min} | {:.1}% |",
-        share(during_min as f64)
+        "| overlapping a swap, worst | | {during_min} | {:.1}% | {:.1}% |",
+        share(during_min as f64),
+        100.0 * local_min
     );
     println!();
 }
