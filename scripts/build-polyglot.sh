@@ -8,12 +8,12 @@
 # writes OUTDIR/{hello,echo}-{python,js,c}.wasm, OUTDIR/counter-python.wasm,
 # and OUTDIR/toolchains.env
 # saying where the toolchains are (TOOLCHAIN_PATH: the directories of
-# componentize-py, componentize-js, wit-bindgen and wasm-tools; WASI_ADAPTER:
+# componentize-py, componentize-qjs, wit-bindgen and wasm-tools; WASI_ADAPTER:
 # the preview 1 reactor adapter) for `wasm-echo new` projects and the tests
 # that build them. Missing toolchains are
 # installed first, under target/polyglot/ (and Debian packages for C), from
-# package registries only: componentize-py from PyPI, componentize-js and jco
-# from npm (guest-plugins/js/package-lock.json), wit-bindgen-cli, wasm-tools
+# package registries only: componentize-py from PyPI, componentize-qjs (and
+# jco) from npm (guest-plugins/js/package-lock.json), wit-bindgen-cli, wasm-tools
 # and the WASI preview 1 adapter with cargo, clang/lld/wasi-libc from
 # Debian. Run again, it reinstalls nothing and rebuilds only what changed.
 # When a toolchain cannot be installed or a build fails, it stops with one
@@ -89,17 +89,17 @@ ensure_python() {
 ensure_js() {
     local src=$ROOT/guest-plugins/js node=$TOOLS/node
     local stamp=$node/.installed-lock
-    if [[ -x $node/node_modules/.bin/componentize-js ]] && cmp -s "$src/package-lock.json" "$stamp"; then
+    if [[ -x $node/node_modules/.bin/componentize-qjs ]] && cmp -s "$src/package-lock.json" "$stamp"; then
         return
     fi
-    note "JavaScript: installing componentize-js and jco (npm ci) into $node"
-    command -v npm >/dev/null || die "JavaScript: npm not found, cannot install componentize-js and jco"
+    note "JavaScript: installing componentize-qjs and jco (npm ci) into $node"
+    command -v npm >/dev/null || die "JavaScript: npm not found, cannot install componentize-qjs and jco"
     mkdir -p "$node"
     cp "$src/package.json" "$src/package-lock.json" "$src/.npmrc" "$node/"
     rm -f "$stamp"
     # No install scripts: none of these packages needs one, and any download
     # a script might try would fail here anyway.
-    logged "$LOGS/npm-ci.log" "JavaScript: cannot install componentize-js and jco from npm with npm ci" \
+    logged "$LOGS/npm-ci.log" "JavaScript: cannot install componentize-qjs and jco from npm with npm ci" \
         npm ci --prefix "$node" --ignore-scripts --no-audit --no-fund
     cp "$src/package-lock.json" "$stamp"
 }
@@ -202,11 +202,16 @@ build_js() { # PLUGIN
     local src=$ROOT/guest-plugins/js out=$OUT/$1-js.wasm
     up_to_date "$out" "$src/$1.js" "$WIT" "$SELF" "$TOOLS/node/.installed-lock" && return
     note "JavaScript: building $out"
-    # The http and fetch-event features would import wasi:http, which the
-    # host does not provide.
-    logged "$LOGS/build-$1-js.log" "JavaScript: componentize-js failed to build $1" \
-        "$TOOLS/node/node_modules/.bin/componentize-js" "$src/$1.js" --wit "$WIT" --world-name plugin \
-        --disable http fetch-event -o "$out.tmp"
+    # QuickJS (componentize-qjs), not StarlingMonkey (componentize-js): every
+    # componentize-js export call leaves a few hundred bytes of garbage that
+    # only a major collection frees, and SpiderMonkey's default thresholds
+    # let linear memory reach about 75 MiB before it levels off, past the host's
+    # 64 MiB cap (BENCHMARKS.md, issue 15). QuickJS counts references and
+    # frees as it goes. --sync: the host calls plugins without the
+    # component-model async ABI.
+    logged "$LOGS/build-$1-js.log" "JavaScript: componentize-qjs failed to build $1" \
+        "$TOOLS/node/node_modules/.bin/componentize-qjs" --wit "$WIT" --world plugin \
+        --js "$src/$1.js" --sync -o "$out.tmp"
     mv "$out.tmp" "$out"
 }
 

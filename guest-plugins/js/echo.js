@@ -1,6 +1,6 @@
 // The `echo` plugin in JavaScript: sends every UDP datagram and TCP message
 // back unchanged.
-// Built into a component by scripts/build-polyglot.sh with componentize-js.
+// Built into a component by scripts/build-polyglot.sh with componentize-qjs.
 
 export const udp = {
   onDatagram(peer, data) {

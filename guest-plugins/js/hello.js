@@ -1,23 +1,51 @@
 // The `hello` plugin in JavaScript: greets every UDP datagram and TCP
 // message, and stops the listener when a peer says `exit`.
-// Built into a component by scripts/build-polyglot.sh with componentize-js.
+// Built into a component by scripts/build-polyglot.sh with componentize-qjs
+// (the QuickJS engine, which has no TextEncoder or TextDecoder: the two
+// helpers below do their part of the work).
 
 import { log, getConfig } from "wasm-echo:plugin/host@0.2.0";
 
-const encoder = new TextEncoder();
-const decoder = new TextDecoder(); // lossy: bad bytes become U+FFFD
+// The UTF-8 bytes of `text`; a lone surrogate becomes U+FFFD, as
+// TextEncoder makes it.
+function utf8(text) {
+  const bytes = [];
+  for (const ch of text) {
+    let c = ch.codePointAt(0);
+    if (c >= 0xd800 && c <= 0xdfff) c = 0xfffd;
+    if (c < 0x80) {
+      bytes.push(c);
+    } else if (c < 0x800) {
+      bytes.push(0xc0 | (c >> 6), 0x80 | (c & 0x3f));
+    } else if (c < 0x10000) {
+      bytes.push(0xe0 | (c >> 12), 0x80 | ((c >> 6) & 0x3f), 0x80 | (c & 0x3f));
+    } else {
+      bytes.push(0xf0 | (c >> 18), 0x80 | ((c >> 12) & 0x3f), 0x80 | ((c >> 6) & 0x3f), 0x80 | (c & 0x3f));
+    }
+  }
+  return new Uint8Array(bytes);
+}
 
 // The configured greeting `key`, or `fallback` when it is not set.
 function greeting(key, fallback) {
   const value = getConfig(key);
-  return encoder.encode(value ?? fallback);
+  return utf8(value ?? fallback);
 }
 
+// ASCII whitespace: what the Rust plugin strips around `exit`.
+const SPACE = [0x20, 0x09, 0x0a, 0x0c, 0x0d];
+
 // The same test as the Rust plugin: `exit` in any ASCII case, with ASCII
-// whitespace around it (what is left after a lossy UTF-8 decode and a strip).
+// whitespace around it. Tested on the bytes: no byte of a multi-byte UTF-8
+// sequence (nor of one that is not UTF-8) is ASCII, so decoding first would
+// not change the answer.
 function isExit(data) {
-  const text = decoder.decode(data).replace(/^[ \t\n\f\r]+|[ \t\n\f\r]+$/g, "");
-  return text.toLowerCase() === "exit";
+  let start = 0;
+  let end = data.length;
+  while (start < end && SPACE.includes(data[start])) start++;
+  while (end > start && SPACE.includes(data[end - 1])) end--;
+  if (end - start !== 4) return false;
+  return String.fromCharCode(...data.subarray(start, end)).toLowerCase() === "exit";
 }
 
 // `exit` stops the listener; anything else is greeted.

@@ -21,7 +21,7 @@ const WIT_BINDGEN_VERSION: &str = "0.61";
 // The tools' versions, as pinned in scripts/build-polyglot.sh and
 // guest-plugins/js/package.json (a unit test keeps them in step).
 const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
-const COMPONENTIZE_JS_VERSION: &str = "0.23.0";
+const COMPONENTIZE_QJS_VERSION: &str = "0.4.5";
 const WIT_BINDGEN_CLI_VERSION: &str = "0.63.0";
 const WASM_TOOLS_VERSION: &str = "1.263.0";
 /// The WASI preview 1 adapter follows the host's wasmtime release.
@@ -34,7 +34,7 @@ pub enum Language {
     Rust,
     /// Python, componentized with componentize-py.
     Python,
-    /// JavaScript, componentized with componentize-js.
+    /// JavaScript, componentized with componentize-qjs (QuickJS).
     #[value(alias = "javascript")]
     Js,
     /// C, compiled by clang against wasi-libc, made a component by
@@ -130,7 +130,7 @@ fn render(text: &str, name: &str) -> String {
         ("{{lib_name}}", &lib_name),
         ("{{wit_bindgen_version}}", WIT_BINDGEN_VERSION),
         ("{{componentize_py_version}}", COMPONENTIZE_PY_VERSION),
-        ("{{componentize_js_version}}", COMPONENTIZE_JS_VERSION),
+        ("{{componentize_qjs_version}}", COMPONENTIZE_QJS_VERSION),
         ("{{wit_bindgen_cli_version}}", WIT_BINDGEN_CLI_VERSION),
         ("{{wasm_tools_version}}", WASM_TOOLS_VERSION),
         ("{{adapter_version}}", ADAPTER_VERSION),
@@ -267,9 +267,9 @@ mod tests {
         let package = include_str!("../../guest-plugins/js/package.json");
         assert!(
             package.contains(&format!(
-                "\"@bytecodealliance/componentize-js\": \"{COMPONENTIZE_JS_VERSION}\""
+                "\"componentize-qjs\": \"{COMPONENTIZE_QJS_VERSION}\""
             )),
-            "guest-plugins/js/package.json pins another componentize-js"
+            "guest-plugins/js/package.json pins another componentize-qjs"
         );
         let guests = include_str!("../../guest-plugins/Cargo.toml");
         assert!(
