@@ -1,6 +1,7 @@
 //! What std gives a plugin on `wasm32-wasip2`, for the built-ins that do
-//! without it: a memory allocator, a panic handler and the canonical ABI's
-//! `cabi_realloc` export. It leaves everything else to the plugins.
+//! without it: a memory allocator ([`heap`]), a panic handler and the
+//! canonical ABI's `cabi_realloc` export. It leaves everything else to the
+//! plugins.
 //!
 //! Why do without std: on this target std links the WASI C library, whose
 //! start-up and panic paths import a dozen WASI interfaces (`wasi:cli`'s
@@ -29,10 +30,8 @@ extern crate alloc;
 #[link(name = "c")]
 unsafe extern "C" {}
 
-/// The allocator std uses on this target, minus std.
 #[cfg(not(test))]
-#[global_allocator]
-static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+mod heap;
 
 /// A panic traps: the host ends the call and drops the instance.
 #[cfg(not(test))]
