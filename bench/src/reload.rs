@@ -644,6 +644,12 @@ fn print_run(run: &Run) {
         100.0 * local_p10
     );
     println!(
+        "| steady, worst | | {} | {:.1}% | {:.1}% |",
+        steady.first().copied().unwrap_or(0),
+        share(steady.first().copied().unwrap_or(0) as f64),
+        100.0 * steady_local.first().copied().unwrap_or(0.0)
+    );
+    println!(
         "| overlapping a swap, mean | {} | {during_mean:.0} | {:.1}% | {:.1}% |",
         run.during.len(),
         share(during_mean),
