@@ -90,6 +90,42 @@ fn a_pushed_component_is_pulled_checked_and_served_by_digest() {
     server.wait_for_log("fetched from the registry, verified and cached");
 }
 
+/// `pull` compiles too (issue 15's swaps without a dip: a version compiled
+/// ahead is swapped in without compiling while serving): a server given
+/// the same cache folder then loads that version's code from the cache.
+#[test]
+#[cfg_attr(skip_registry, ignore = "WASM_ECHO_SKIP_TESTS names registry")]
+fn a_pulled_version_is_compiled_ahead_and_started_from_the_cache() {
+    let registry = Registry::start();
+    let pinned = push(plugins::ECHO, &registry.reference("ahead", "v1"));
+    let cache = cache_dir();
+    let pulled = succeeded("pull", &run(&["pull", &pinned, "--cache-dir", &cache]));
+    assert!(
+        pulled.contains(&format!("compiled into {cache}/compiled")),
+        "{pulled}"
+    );
+
+    let server = Server::with_env(
+        &[("WASM_ECHO_LOG", "debug")],
+        &[
+            "--plugin",
+            &pinned,
+            "--udp",
+            "127.0.0.1:0",
+            "--cache-dir",
+            &cache,
+        ],
+        1,
+    );
+    let log = server.wait_for_log("loaded from the cache");
+    assert!(
+        !log.contains("kept in the cache"),
+        "it compiled again:\n{log}"
+    );
+    let client = udp_client(server.udp());
+    assert_eq!(udp_ask(&client, b"compiled ahead"), b"compiled ahead");
+}
+
 /// A blob whose bytes were changed in the registry's storage is refused in
 /// one line naming both digests, and the version running stays.
 #[test]

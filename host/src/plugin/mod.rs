@@ -34,7 +34,7 @@ pub use host::{Clocks, InstanceSettings, PluginConfig, RecordedTime};
 pub use instance::{CallError, Instance, endpoint};
 pub use limits::Limits;
 pub use output::{LogBudget, fold_lines};
-pub use runtime::{PoolSize, Runtime};
+pub use runtime::{COMPILED, PoolSize, Runtime};
 
 /// The plugins compiled into this binary, by name.
 mod builtin {
