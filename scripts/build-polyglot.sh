@@ -12,8 +12,8 @@
 # the preview 1 reactor adapter) for `wasm-echo new` projects and the tests
 # that build them. Missing toolchains are
 # installed first, under target/polyglot/ (and Debian packages for C), from
-# package registries only: componentize-py from PyPI, componentize-qjs (and
-# jco) from npm (guest-plugins/js/package-lock.json), wit-bindgen-cli, wasm-tools
+# package registries only: componentize-py from PyPI, componentize-qjs
+# from npm (guest-plugins/js/package-lock.json), wit-bindgen-cli, wasm-tools
 # and the WASI preview 1 adapter with cargo, clang/lld/wasi-libc from
 # Debian. Run again, it reinstalls nothing and rebuilds only what changed.
 # When a toolchain cannot be installed or a build fails, it stops with one
@@ -92,14 +92,14 @@ ensure_js() {
     if [[ -x $node/node_modules/.bin/componentize-qjs ]] && cmp -s "$src/package-lock.json" "$stamp"; then
         return
     fi
-    note "JavaScript: installing componentize-qjs and jco (npm ci) into $node"
-    command -v npm >/dev/null || die "JavaScript: npm not found, cannot install componentize-qjs and jco"
+    note "JavaScript: installing componentize-qjs (npm ci) into $node"
+    command -v npm >/dev/null || die "JavaScript: npm not found, cannot install componentize-qjs"
     mkdir -p "$node"
     cp "$src/package.json" "$src/package-lock.json" "$src/.npmrc" "$node/"
     rm -f "$stamp"
     # No install scripts: none of these packages needs one, and any download
     # a script might try would fail here anyway.
-    logged "$LOGS/npm-ci.log" "JavaScript: cannot install componentize-qjs and jco from npm with npm ci" \
+    logged "$LOGS/npm-ci.log" "JavaScript: cannot install componentize-qjs from npm with npm ci" \
         npm ci --prefix "$node" --ignore-scripts --no-audit --no-fund
     cp "$src/package-lock.json" "$stamp"
 }
