@@ -880,12 +880,14 @@ async fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `wasm-echo pull`: fetches into the cache and says where it is.
+/// `wasm-echo pull`: fetches into the cache, compiles into the compiled-code
+/// cache, and says where both are.
 async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     let reference = crate::registry::OciReference::parse(&args.reference)?;
     let runtime = args.registry.runtime(DEFAULT_MAX_PLUGIN_SIZE)?;
+    let source = PluginSource::Oci(reference.clone());
     let fetched = runtime
-        .fetch(&PluginSource::Oci(reference.clone()))
+        .fetch(&source)
         .await?
         .context("not a registry reference")?;
     let (pinned, size) = (reference.pinned(&fetched.digest), fetched.bytes.len());
@@ -897,7 +899,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     // folder reads: a later start, reload or tag move to this version then
     // loads its code in milliseconds instead of compiling it while it
     // serves.
-    runtime.load_fetched(&PluginSource::Oci(reference), Some(fetched))?;
+    runtime.load_fetched(&source, Some(fetched))?;
     say(format_args!(
         "pulled {pinned} ({size} bytes) into {}, compiled into {}\n",
         cache.join("oci").display(),
