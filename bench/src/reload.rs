@@ -623,6 +623,8 @@ fn print_run(run: &Run) {
     steady_local.sort_unstable_by(f64::total_cmp);
     let local_p10 = quantile(&steady_local, 0.1).unwrap_or(0.0);
     let local_mean = run.during_local.iter().sum::<f64>() / run.during_local.len().max(1) as f64;
+    let steady_min = steady.first().copied().unwrap_or(0);
+    let local_steady_min = steady_local.first().copied().unwrap_or(0.0);
     let local_min = run
         .during_local
         .iter()
@@ -644,10 +646,9 @@ fn print_run(run: &Run) {
         100.0 * local_p10
     );
     println!(
-        "| steady, worst | | {} | {:.1}% | {:.1}% |",
-        steady.first().copied().unwrap_or(0),
-        share(steady.first().copied().unwrap_or(0) as f64),
-        100.0 * steady_local.first().copied().unwrap_or(0.0)
+        "| steady, worst | | {steady_min} | {:.1}% | {:.1}% |",
+        share(steady_min as f64),
+        100.0 * local_steady_min
     );
     println!(
         "| overlapping a swap, mean | {} | {during_mean:.0} | {:.1}% | {:.1}% |",
