@@ -268,12 +268,21 @@ impl Session {
     /// The old instance trapped in `snapshot`: it cannot go on, and the
     /// message fails as if its own call had.
     async fn recycle_if_bloated(&mut self) -> Result<(), CallError> {
+        let bloated = matches!(&self.kind, SessionKind::Wasm(instance) if instance.bloated());
+        if !self.recycling || !bloated {
+            return Ok(());
+        }
+        // Boxed, as every rare path that makes an instance: its future
+        // holds a whole instantiation, and inline it would size every
+        // call's future, and so every connection's task, for good.
+        Box::pin(self.recycle()).await
+    }
+
+    /// Renews the instance (see [`Session::recycle_if_bloated`]).
+    async fn recycle(&mut self) -> Result<(), CallError> {
         let SessionKind::Wasm(instance) = &mut self.kind else {
             return Ok(());
         };
-        if !self.recycling || !instance.bloated() {
-            return Ok(());
-        }
         let stateful = instance.offers_state();
         if self.opened && !stateful {
             self.recycling = false;
