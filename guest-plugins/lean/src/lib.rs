@@ -17,6 +17,22 @@
 //! A plugin opts in with `#![no_std]`, `extern crate alloc;` and
 //! `use lean as _;` (the last so that the items below are linked).
 //!
+//! # One page for an idle instance's stack, data and heap
+//!
+//! The linker puts the stack first (growing down from its top) and the
+//! static data right above it, then the heap ([`heap`]). A connection's
+//! first calls write to the top of the stack, to the static data and to the
+//! heap's first allocations, and each page written is one the host copies
+//! for that instance and keeps for as long as the connection is open. With
+//! the stack's top on a page boundary, as a stack of 1 MiB puts it, that is
+//! two pages at least. The lean plugins link with a stack 3 KiB short of
+//! 1 MiB (`-zstack-size` in their `build.rs`), so that its top lies 1 KiB
+//! into a page and the static data and the start of the heap have the other
+//! 3 KiB of it: the first calls of `echo` and `counter` use less than
+//! 512 bytes of stack, and `counter`'s static data and first allocations fit
+//! in 3 KiB but not in 2 KiB (found by moving the boundary). A plugin that
+//! uses more touches the next page, as it would have anyway.
+//!
 //! Under `cfg(test)` (`clippy --all-targets` builds a test harness, which
 //! brings std and std's own handler and allocator) it gives nothing.
 #![cfg_attr(not(test), no_std)]
