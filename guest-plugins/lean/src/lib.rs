@@ -29,7 +29,7 @@
 //! 1 MiB (`-zstack-size` in their `build.rs`), so that its top lies 1 KiB
 //! into a page and the static data and the start of the heap have the other
 //! 3 KiB of it: the first calls of `echo` and `counter` use less than
-//! 512 bytes of stack, and `counter`'s static data and first allocations fit
+//! 512 bytes of stack (`hello`'s fit in the kilobyte too), and `counter`'s static data and first allocations fit
 //! in 3 KiB but not in 2 KiB (found by moving the boundary). A plugin that
 //! uses more touches the next page, as it would have anyway.
 //!
