@@ -70,7 +70,7 @@ pub fn decode(schema: u32, data: &[u8]) -> Result<(), String> {
         .ok_or("no message count")?;
     let mut peers = BTreeMap::new();
     // The line is named by its number, not quoted: quoting it escaped
-    // (`{:?}`) would bring in core's Unicode tables, 2.5 KiB of static
+    // (`{:?}`) would bring in core's Unicode tables, 2.4 KiB of static
     // data that push the plugin's heap onto a page of its own in every
     // instance.
     for (number, line) in lines.enumerate() {

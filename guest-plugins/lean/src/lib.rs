@@ -26,12 +26,13 @@
 //! for that instance and keeps for as long as the connection is open. With
 //! the stack's top on a page boundary, as a stack of 1 MiB puts it, that is
 //! two pages at least. The lean plugins link with a stack 3 KiB short of
-//! 1 MiB (`-zstack-size` in their `build.rs`), so that its top lies 1 KiB
-//! into a page and the static data and the start of the heap have the other
-//! 3 KiB of it: the first calls of `echo` and `counter` use less than
-//! 512 bytes of stack (`hello`'s fit in the kilobyte too), and `counter`'s static data and first allocations fit
-//! in 3 KiB but not in 2 KiB (found by moving the boundary). A plugin that
-//! uses more touches the next page, as it would have anyway.
+//! 1 MiB (`-zstack-size`, set by `link.rs`, the build script they share),
+//! so that its top lies 1 KiB into a page and the static data and the start
+//! of the heap have the other 3 KiB of it: the first calls of `echo` and
+//! `counter` use less than 512 bytes of stack (`hello`'s fit in the
+//! kilobyte too), and `counter`'s static data and first allocations fit in
+//! 3 KiB but not in 2 KiB (found by moving the boundary). A plugin that uses
+//! more touches the next page, as it would have anyway.
 //!
 //! Under `cfg(test)` (`clippy --all-targets` builds a test harness, which
 //! brings std and std's own handler and allocator) it gives nothing.
